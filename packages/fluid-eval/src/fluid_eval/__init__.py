@@ -1,0 +1,151 @@
+"""fluid-eval: validation loss, FID, GenEval, CLIP score, scaling fits and the shapes world.
+
+Imports no other fluid package: models are reached through small protocols (a ``Generator``
+has ``generate(prompts)``, a ``Detector`` has ``detect(image)``, a loss is a callable). The
+torch-based modules (fid, loss, clip_score) and scaling load on first use, so the shapes world
+and GenEval scoring start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .__about__ import __version__
+from .detector import ShapesDetector, ShapesDetectorConfig
+from .geneval import (
+    TASKS,
+    Detection,
+    Detector,
+    Generator,
+    GenEvalConfig,
+    GenEvalReport,
+    ImageResult,
+    evaluate,
+    evaluate_image,
+    load_metadata,
+    relative_position,
+    score_folder,
+    summarize,
+    write_generations,
+    write_results,
+    write_sample_folder,
+)
+from .shapes import (
+    COLORS,
+    PALETTE,
+    SHAPES,
+    LayoutConfig,
+    Scene,
+    ShapeObject,
+    TrainingPair,
+    evaluation_metadata,
+    render,
+    render_image,
+    render_metadata,
+    sample_training_pair,
+    scene_from_prompt,
+    write_prompts,
+    write_shards,
+)
+
+if TYPE_CHECKING:
+    from .clip_score import ClipBundle, ClipScoreResult, load_open_clip
+    from .fid import CocoPair, FIDResult, ShapesFeatureNet, compute_fid, make_fid, sample_coco_pairs
+    from .loss import ValidationLoss, validation_loss
+    from .scaling import (
+        Correlation,
+        PowerLawFit,
+        ScalingPoint,
+        ScalingReport,
+        fit_power_law,
+        pearson,
+        scaling_report,
+    )
+
+_LAZY = {
+    # The function ``clip_score`` stays in its module: the module's name would shadow it here.
+    "clip_score": ("ClipBundle", "ClipScoreResult", "load_open_clip"),
+    "fid": (
+        "CocoPair",
+        "FIDResult",
+        "ShapesFeatureNet",
+        "compute_fid",
+        "make_fid",
+        "sample_coco_pairs",
+    ),
+    "loss": ("ValidationLoss", "validation_loss"),
+    "scaling": (
+        "Correlation",
+        "PowerLawFit",
+        "ScalingPoint",
+        "ScalingReport",
+        "fit_power_law",
+        "pearson",
+        "scaling_report",
+    ),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module 'fluid_eval' has no attribute {name!r}")
+
+
+__all__ = [
+    "COLORS",
+    "PALETTE",
+    "SHAPES",
+    "TASKS",
+    "Detection",
+    "Detector",
+    "GenEvalConfig",
+    "GenEvalReport",
+    "Generator",
+    "ImageResult",
+    "LayoutConfig",
+    "Scene",
+    "ShapeObject",
+    "ShapesDetector",
+    "ShapesDetectorConfig",
+    "TrainingPair",
+    "__version__",
+    "evaluate",
+    "evaluate_image",
+    "evaluation_metadata",
+    "load_metadata",
+    "relative_position",
+    "render",
+    "render_image",
+    "render_metadata",
+    "sample_training_pair",
+    "scene_from_prompt",
+    "score_folder",
+    "summarize",
+    "write_generations",
+    "write_prompts",
+    "write_results",
+    "write_sample_folder",
+    "write_shards",
+    # loaded on first use
+    "ClipBundle",
+    "ClipScoreResult",
+    "CocoPair",
+    "Correlation",
+    "FIDResult",
+    "PowerLawFit",
+    "ScalingPoint",
+    "ScalingReport",
+    "ShapesFeatureNet",
+    "ValidationLoss",
+    "compute_fid",
+    "fit_power_law",
+    "load_open_clip",
+    "make_fid",
+    "pearson",
+    "sample_coco_pairs",
+    "scaling_report",
+    "validation_loss",
+]
