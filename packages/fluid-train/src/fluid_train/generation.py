@@ -1,0 +1,326 @@
+"""Sampling image tokens from a FluidModel: random order (MAR/MaskGIT) and raster (KV cache).
+
+Random order (DESIGN.md §4): K steps; after step k, ``reveal_schedule`` says how many tokens
+stay masked; a random permutation per image says which. Each step runs the trunk over all N
+positions and sends only the rows revealed at that step through the head. Raster: one token
+per step through the causal trunk's KV cache.
+
+The text work is done once per prompt batch: the aligned text (and, with CFG, the null text)
+and every layer's cross-attention keys/values are computed before the first step and reused
+(``cache="off"`` recomputes them at every step — and, for raster, replaces the KV cache by full
+forwards — only to measure what the caches save and to test that they change nothing).
+
+Classifier-free guidance stacks [cond; uncond] along the batch: the trunk sees 2B rows, the
+heads take the stacked rows and return the guided sample twice (MAR's convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fluid_heads import TokenSample
+from fluid_text import TextStates
+
+from .masking import cfg_scale, gumbel_noise, random_order, reveal_schedule
+
+if TYPE_CHECKING:
+    from .model import FluidModel, GenerationConfig
+
+CacheMode = Literal["on", "off"]
+
+
+def resolve_options(model: FluidModel, **overrides: Any) -> GenerationConfig:
+    """The model's generation defaults with the non-None ``overrides`` applied (validated)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(model.config.generation, **given)
+
+
+def _steps(iterable: Iterable[int], *, total: int, progress: bool, desc: str) -> Iterable[int]:
+    return tqdm(iterable, total=total, desc=desc, unit="step", leave=False, disable=not progress)
+
+
+def _prepare_text(model: FluidModel, hidden: Tensor, mask: Tensor, *, guided: bool) -> TextStates:
+    """Aligned text [B, L, D] (cond), or [2B, L, D] = [cond; null] when guided."""
+    cond = model.align_text(hidden, mask)
+    if not guided:
+        return cond
+    null = model.text_aligner.null_text(cond.batch_size, cond.length)
+    return TextStates(
+        hidden=torch.cat([cond.hidden, null.hidden.to(cond.hidden.dtype)], dim=0),  # [2B, L, D]
+        mask=torch.cat([cond.mask, null.mask], dim=0),  # [2B, L]
+    )
+
+
+def _sample_head(
+    model: FluidModel,
+    z: Tensor,
+    *,
+    guided: bool,
+    scale: float,
+    options: GenerationConfig,
+    generator: torch.Generator | None,
+    with_logprob: bool = False,
+) -> Any:
+    """Head sampling of M rows: z [2M, D] ([cond; uncond]) when guided, else [M, D] -> M tokens.
+
+    ``with_logprob`` (discrete only) returns the head's TokenSample (ids [M], logprob [M]).
+    """
+    m = z.shape[0] // 2 if guided else z.shape[0]
+    if guided and scale == 1.0:  # guidance 1 is the conditional model alone
+        z, guided = z[:m], False
+    kwargs: dict[str, Any] = {"temperature": options.temperature, "cfg": scale if guided else 1.0}
+    if model.config.tokens == "discrete":
+        kwargs["top_k"] = options.top_k
+    if with_logprob:
+        sample = model.head.sample_with_logprob(z, generator=generator, **kwargs)
+        return TokenSample(ids=sample.ids[:m], logprob=sample.logprob[:m])
+    out = model.head.sample(z, generator=generator, **kwargs)  # [M(*2), C] or [M(*2)]
+    return out[:m]
+
+
+def _placeholder(model: FluidModel, batch: int, device: torch.device) -> Tensor:
+    """Tokens not generated yet: their content is never seen (masked, or in the causal future)."""
+    cfg = model.config
+    if cfg.tokens == "discrete":
+        return torch.zeros(batch, cfg.num_tokens, dtype=torch.long, device=device)  # [B, N]
+    dtype = model.trunk.pos_embed.dtype
+    return torch.zeros(
+        batch, cfg.num_tokens, cfg.token_dim, dtype=dtype, device=device
+    )  # [B, N, C]
+
+
+def _stack(x: Tensor, guided: bool) -> Tensor:
+    return torch.cat([x, x], dim=0) if guided else x
+
+
+def _check_text(model: FluidModel, hidden: Tensor, mask: Tensor) -> None:
+    dt = model.config.text_dim
+    if hidden.ndim != 3 or hidden.shape[-1] != dt or hidden.shape[0] < 1:
+        raise ValueError(
+            f"text_hidden must be [B, L, {dt}] (the T5 width); got {list(hidden.shape)}"
+        )
+    if mask.dtype != torch.bool or mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"text_mask must be a bool [B, L] = {list(hidden.shape[:2])} tensor; "
+            f"got {mask.dtype} {list(mask.shape)}"
+        )
+
+
+@torch.no_grad()
+def generate(
+    model: FluidModel,
+    text_hidden: Tensor,
+    text_mask: Tensor,
+    *,
+    num_steps: int | None = None,
+    cfg: float | None = None,
+    cfg_schedule: str | None = None,
+    temperature: float | None = None,
+    order_policy: str | None = None,
+    choice_temperature: float | None = None,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    cache: CacheMode = "on",
+    progress: bool = False,
+) -> Tensor:
+    """Sample image tokens for a batch of captions' T5 states.
+
+    text_hidden [B, L, D_t], text_mask [B, L] bool -> tokens [B, N] int64 or [B, N, C] float.
+    Options left None take ``model.config.generation``'s values. ``generator`` (on the model's
+    device) makes the result reproducible; ``progress`` shows a bar over the steps.
+    """
+    _check_text(model, text_hidden, text_mask)
+    if cache not in ("on", "off"):
+        raise ValueError(f"cache must be 'on' or 'off'; got {cache!r}")
+    options = resolve_options(
+        model,
+        num_steps=num_steps,
+        cfg=cfg,
+        cfg_schedule=cfg_schedule,
+        temperature=temperature,
+        order_policy=order_policy,
+        choice_temperature=choice_temperature,
+        top_k=top_k,
+    )
+    config = model.config
+    if options.order_policy == "confidence" and config.variant != "random-discrete":
+        raise ValueError(
+            f"order_policy='confidence' (MaskGIT) needs the random-discrete variant; this model is {config.variant}"
+        )
+    if options.top_k is not None and config.tokens == "continuous":
+        raise ValueError("top_k applies to discrete tokens only; this model has continuous tokens")
+    was_training = model.training
+    model.eval()
+    try:
+        if config.order == "random":
+            return _generate_random_order(
+                model, text_hidden, text_mask, options, generator, cache=cache, progress=progress
+            )
+        return _generate_raster(
+            model, text_hidden, text_mask, options, generator, cache=cache, progress=progress
+        )
+    finally:
+        model.train(was_training)
+
+
+def _generate_random_order(
+    model: FluidModel,
+    text_hidden: Tensor,
+    text_mask: Tensor,
+    options: GenerationConfig,
+    generator: torch.Generator | None,
+    *,
+    cache: CacheMode,
+    progress: bool,
+) -> Tensor:
+    cfg = model.config
+    bsz, n, device = text_hidden.shape[0], cfg.num_tokens, text_hidden.device
+    schedule = reveal_schedule(n, options.num_steps)  # masked count after each step
+    guided = options.cfg != 1.0
+    if cache == "on":
+        text = _prepare_text(model, text_hidden, text_mask, guided=guided)  # [B', L, D]
+        text_kv = model.trunk.text_kv(text.hidden, text.mask)  # every layer's K/V, once
+
+    order = random_order(bsz, n, device=device, generator=generator)  # [B, N]
+    tokens = _placeholder(model, bsz, device)  # [B, N] or [B, N, C]
+    mask = torch.ones(bsz, n, dtype=torch.bool, device=device)  # [B, N] True = still masked
+    masked = n
+    for step in _steps(
+        range(len(schedule)), total=len(schedule), progress=progress, desc="generate"
+    ):
+        masked_after = schedule[step]
+        x = _stack(model.head.embed(tokens), guided)  # [B', N, D]
+        if cache == "on":
+            h = model.trunk(x, _stack(mask, guided), text_kv=text_kv)  # [B', N, D]
+        else:
+            text = _prepare_text(model, text_hidden, text_mask, guided=guided)
+            h = model.trunk(x, _stack(mask, guided), text.hidden, text.mask)  # [B', N, D]
+        scale = cfg_scale(
+            options.cfg, options.cfg_schedule, num_tokens=n, masked_after=masked_after
+        )
+
+        if options.order_policy == "confidence":
+            tokens, mask = _confidence_step(
+                model,
+                h,
+                tokens,
+                mask,
+                (masked, masked_after),
+                step,
+                options,
+                guided,
+                scale,
+                generator,
+            )
+        else:
+            reveal = order[:, masked_after:masked]  # [B, k] positions revealed now
+            tokens, mask = _reveal_step(
+                model, h, tokens, mask, reveal, options, guided, scale, generator
+            )
+        masked = masked_after
+    return tokens
+
+
+def _reveal_step(
+    model: FluidModel,
+    h: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    reveal: Tensor,
+    options: GenerationConfig,
+    guided: bool,
+    scale: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Sample the tokens at positions ``reveal`` [B, k]: only their rows of h go through the head."""
+    bsz, k = reveal.shape
+    rows = h.gather(1, _stack(reveal, guided)[..., None].expand(-1, -1, h.shape[-1]))  # [B', k, D]
+    sampled = _sample_head(
+        model, rows.flatten(0, 1), guided=guided, scale=scale, options=options, generator=generator
+    )  # [B*k] or [B*k, C]
+    sampled = sampled.reshape(bsz, k, *tokens.shape[2:]).to(tokens.dtype)  # [B, k(, C)]
+    index = reveal if tokens.ndim == 2 else reveal[..., None].expand(-1, -1, tokens.shape[-1])
+    return tokens.scatter(1, index, sampled), mask.scatter(1, reveal, False)
+
+
+def _confidence_step(
+    model: FluidModel,
+    h: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    counts: tuple[int, int],
+    step: int,
+    options: GenerationConfig,
+    guided: bool,
+    scale: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """MaskGIT: sample every masked token, keep the ``masked_after`` least confident masked.
+
+    Confidence = log p(sampled id) + τ · (1 − (k+1)/K) · Gumbel noise, with p the guided model
+    distribution. ``counts`` = (masked before, masked after) this step; only the rows still
+    masked go through the head.
+    """
+    masked, masked_after = counts
+    bsz = tokens.shape[0]
+    # Positions still masked, ascending ([B, m]): a stable sort puts the masked ones first.
+    pending = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :masked]
+    rows = h.gather(1, _stack(pending, guided)[..., None].expand(-1, -1, h.shape[-1]))  # [B', m, D]
+    sample = _sample_head(
+        model,
+        rows.flatten(0, 1),
+        guided=guided,
+        scale=scale,
+        options=options,
+        generator=generator,
+        with_logprob=True,
+    )  # ids [B*m], logprob [B*m]
+    anneal = options.choice_temperature * (1.0 - (step + 1) / options.num_steps)
+    noise = gumbel_noise((bsz, masked), device=tokens.device, generator=generator)  # [B, m]
+    confidence = sample.logprob.view(bsz, masked) + anneal * noise  # [B, m]
+    # The masked_after least confident stay masked; the rest are revealed.
+    revealed = confidence.argsort(dim=1)[:, masked_after:]  # [B, k] indices into pending
+    positions = pending.gather(1, revealed)  # [B, k]
+    ids = sample.ids.view(bsz, masked).gather(1, revealed)  # [B, k]
+    return tokens.scatter(1, positions, ids), mask.scatter(1, positions, False)
+
+
+def _generate_raster(
+    model: FluidModel,
+    text_hidden: Tensor,
+    text_mask: Tensor,
+    options: GenerationConfig,
+    generator: torch.Generator | None,
+    *,
+    cache: CacheMode,
+    progress: bool,
+) -> Tensor:
+    cfg = model.config
+    bsz, n, device = text_hidden.shape[0], cfg.num_tokens, text_hidden.device
+    guided = options.cfg != 1.0
+    tokens = _placeholder(model, bsz, device)  # [B, N] or [B, N, C]
+    if cache == "on":
+        text = _prepare_text(model, text_hidden, text_mask, guided=guided)  # [B', L, D]
+        kv_cache = model.trunk.init_cache(text.batch_size, text.hidden, text.mask)  # text K/V once
+    x_prev = None
+    for i in _steps(range(n), total=n, progress=progress, desc="generate"):
+        if cache == "on":
+            h = model.trunk.step(x_prev, kv_cache)[:, 0]  # [B', D]
+        else:
+            text = _prepare_text(model, text_hidden, text_mask, guided=guided)
+            x = _stack(model.head.embed(tokens[:, : i + 1]), guided)  # [B', i+1, D]; token i unseen
+            h = model.trunk(x, text.hidden, text.mask)[:, i]  # [B', D]
+        scale = cfg_scale(options.cfg, options.cfg_schedule, num_tokens=n, masked_after=n - i - 1)
+        token = _sample_head(
+            model, h, guided=guided, scale=scale, options=options, generator=generator
+        )
+        token = token.to(tokens.dtype)  # [B] or [B, C]
+        tokens[:, i] = token
+        x_prev = _stack(model.head.embed(token[:, None]), guided)  # [B', 1, D]
+    return tokens

@@ -1,0 +1,456 @@
+"""The full model: text aligner + trunk + token head, for the four variants of the paper.
+
+``FluidConfig.tokens`` × ``FluidConfig.order`` picks the variant (DESIGN.md §1):
+
+| tokens \\ order | raster                            | random                              |
+|----------------|-----------------------------------|-------------------------------------|
+| discrete       | CausalTransformer + SoftmaxHead    | MaskedTransformer + SoftmaxHead      |
+| continuous     | CausalTransformer + DiffLossHead   | MaskedTransformer + DiffLossHead (Fluid) |
+
+The frozen T5 encoder is not part of the model: it runs once per caption (in preprocessing or
+in the pipeline), and the model takes its hidden states. ``training_loss`` is the whole
+training objective with fixed shapes — masks built by sort/compare, mask-weighted losses, all
+randomness drawn on the batch's device, no ``.item()`` — so the step compiles once under XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fluid_backbone import CausalTransformer, MaskedTransformer, TransformerConfig
+from fluid_heads import DiffLossHead, SoftmaxHead
+from fluid_text import AlignerConfig, TextAligner, TextStates
+
+from .__about__ import __version__
+from .masking import CfgSchedule, training_mask
+
+TokenKind = Literal["discrete", "continuous"]
+Order = Literal["raster", "random"]
+OrderPolicy = Literal["random", "confidence"]
+TextEncoderLayout = Literal["t5-v1_1-xxl", "shapes-t5"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(kw_only=True, slots=True)
+class DiffLossConfig:
+    """The DiffLoss head of the continuous variants (MAR numerics, DESIGN.md §4)."""
+
+    depth: int = 3  # residual adaLN blocks = 2 * depth linear layers
+    width: int | None = None  # None = the trunk width
+    train_steps: int = 1000
+    sample_steps: int = 100
+    diffusion_batch_mul: int = 4  # each token's (target, z) repeated with independent t
+    x0_bound: float | None = None  # sampling clamp of x0; None = the head's tracked max |target|
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerationConfig:
+    """Sampling defaults; every field can be overridden per call."""
+
+    num_steps: int = 64  # random order only; raster always takes N steps
+    cfg: float = 3.0
+    cfg_schedule: CfgSchedule = "linear"
+    temperature: float = 1.0
+    order_policy: OrderPolicy = "random"  # "confidence" = MaskGIT, discrete random order only
+    choice_temperature: float = 4.5  # MaskGIT's Gumbel temperature, annealed to 0
+    top_k: int | None = None  # discrete only
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int; got {self.num_steps!r}")
+        if not self.cfg >= 1.0:
+            raise ValueError(f"cfg must be >= 1 (1 = no guidance); got {self.cfg!r}")
+        if self.cfg_schedule not in ("linear", "constant"):
+            raise ValueError(
+                f"cfg_schedule must be 'linear' or 'constant'; got {self.cfg_schedule!r}"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
+        if self.order_policy not in ("random", "confidence"):
+            raise ValueError(
+                f"order_policy must be 'random' or 'confidence'; got {self.order_policy!r}"
+            )
+        if not self.choice_temperature >= 0:
+            raise ValueError(f"choice_temperature must be >= 0; got {self.choice_temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or a positive int; got {self.top_k!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class FluidConfig:
+    """One Fluid model. Children's configs are held whole; the switches pick the variant."""
+
+    tokens: TokenKind = "continuous"
+    order: Order = "random"
+    backbone: TransformerConfig  # the trunk; backbone.num_tokens = grid rows * cols
+    aligner: AlignerConfig  # text aligner at the trunk width, input = the T5 width
+    diffloss: DiffLossConfig = field(default_factory=DiffLossConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    grid: tuple[int, int] = (16, 16)  # token grid (rows, cols), raster order row-major
+    token_dim: int | None = 16  # continuous: channels per token (SD-VAE 4 ch x 2x2 patch)
+    vocab_size: int | None = 8192  # discrete: codebook size
+    image_size: int = 256  # pixels of the images the tokenizer encodes
+    text_encoder: TextEncoderLayout = (
+        "t5-v1_1-xxl"  # the frozen encoder whose states feed the aligner
+    )
+    text_length: int = 128  # max text tokens (T5 max length); sizes FLOP counts and preprocessing
+    text_drop_prob: float = 0.1  # captions replaced by the null text (for CFG)
+
+    def __post_init__(self) -> None:
+        if self.tokens not in ("discrete", "continuous"):
+            raise ValueError(f"tokens must be 'discrete' or 'continuous'; got {self.tokens!r}")
+        if self.order not in ("raster", "random"):
+            raise ValueError(f"order must be 'raster' or 'random'; got {self.order!r}")
+        self.grid = tuple(int(g) for g in self.grid)  # JSON gives a list
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            raise ValueError(f"grid must be (rows, cols) of positive ints; got {self.grid!r}")
+        if self.grid[0] * self.grid[1] != self.backbone.num_tokens:
+            raise ValueError(
+                f"grid {self.grid} has {self.grid[0] * self.grid[1]} tokens but "
+                f"backbone.num_tokens is {self.backbone.num_tokens}"
+            )
+        if self.aligner.width != self.backbone.width:
+            raise ValueError(
+                f"aligner.width ({self.aligner.width}) must equal backbone.width ({self.backbone.width})"
+            )
+        if self.tokens == "continuous" and not (self.token_dim and self.token_dim > 0):
+            raise ValueError(f"continuous tokens need token_dim > 0; got {self.token_dim!r}")
+        if self.tokens == "discrete" and not (self.vocab_size and self.vocab_size > 1):
+            raise ValueError(f"discrete tokens need vocab_size > 1; got {self.vocab_size!r}")
+        if not 0.0 <= self.text_drop_prob <= 1.0:
+            raise ValueError(f"text_drop_prob must be in [0, 1]; got {self.text_drop_prob!r}")
+        if self.text_length < 1:
+            raise ValueError(f"text_length must be >= 1; got {self.text_length!r}")
+
+    @property
+    def variant(self) -> str:
+        """``"random-continuous"`` (Fluid), ``"raster-discrete"``, ... (DESIGN.md §1)."""
+        return f"{self.order}-{self.tokens}"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.backbone.num_tokens
+
+    @property
+    def width(self) -> int:
+        return self.backbone.width
+
+    @property
+    def text_dim(self) -> int:
+        return self.aligner.text_dim
+
+    def replace(self, **overrides: Any) -> FluidConfig:
+        """A copy with fields replaced; ``"child.field"`` keys reach into a child config.
+
+        ``cfg.replace(tokens="discrete", **{"backbone.depth": 2, "generation.cfg": 4.0})``
+        """
+        top: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
+        names = {f.name for f in dataclasses.fields(self)}
+        for key, value in overrides.items():
+            child, _, name = key.partition(".")
+            if child not in names:
+                raise ValueError(
+                    f"unknown FluidConfig field {key!r}; expected one of {sorted(names)}"
+                )
+            if name:
+                nested.setdefault(child, {})[name] = value
+            else:
+                top[child] = value
+        for child, values in nested.items():
+            current = top.get(child, getattr(self, child))
+            if not dataclasses.is_dataclass(current):
+                raise ValueError(f"{child!r} is not a nested config; cannot set {sorted(values)}")
+            known = {f.name for f in dataclasses.fields(current)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(
+                    f"unknown {child} field(s) {unknown}; expected some of {sorted(known)}"
+                )
+            top[child] = dataclasses.replace(current, **values)
+        return dataclasses.replace(self, **top)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FluidConfig:
+        data = dict(data)
+        children = {
+            "backbone": TransformerConfig,
+            "aligner": AlignerConfig,
+            "diffloss": DiffLossConfig,
+            "generation": GenerationConfig,
+        }
+        for name, child_cls in children.items():
+            if name in data and isinstance(data[name], Mapping):
+                data[name] = child_cls(**data[name])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FluidConfig field(s) {unknown}")
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class TrainBatch:
+    """One training batch: image tokens and the frozen T5 states of their captions."""
+
+    tokens: Tensor  # [B, N] int64 (discrete) or [B, N, C] float (continuous: posterior mean)
+    text_hidden: Tensor  # [B, L, D_t] float
+    text_mask: Tensor  # [B, L] bool, True = real token
+    token_std: Tensor | None = None  # [B, N, C]: tokens are sampled mean + std * eps in the step
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TrainBatch(
+            tokens=move(self.tokens),
+            text_hidden=move(self.text_hidden),
+            text_mask=move(self.text_mask),
+            token_std=move(self.token_std),
+        )
+
+
+@dataclass(slots=True)
+class LossOutput:
+    """The training loss and detached diagnostics (tensors: never synchronised in the step)."""
+
+    loss: Tensor  # scalar, differentiable
+    mask_ratio: Tensor  # scalar, fraction of tokens predicted (1 for raster)
+    text_drop_rate: Tensor  # scalar, fraction of captions replaced by the null text
+
+
+@dataclass(frozen=True, slots=True)
+class ParamCounts:
+    """Trainable parameters per component (T5 excluded)."""
+
+    text_aligner: int
+    trunk: int
+    head: int  # includes the token input embedding (tied with the logits for discrete)
+
+    @property
+    def total(self) -> int:
+        return self.text_aligner + self.trunk + self.head
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class FluidModel(nn.Module):
+    """Text aligner + trunk + head. The head owns the token embedding, so the trunk is agnostic."""
+
+    def __init__(self, config: FluidConfig) -> None:
+        super().__init__()
+        if not isinstance(config, FluidConfig):
+            raise TypeError(f"config must be a FluidConfig; got {type(config).__name__}")
+        self.config = config
+        self.text_aligner = TextAligner(config.aligner)
+        trunk_cls = MaskedTransformer if config.order == "random" else CausalTransformer
+        self.trunk = trunk_cls(config.backbone)
+        if config.tokens == "continuous":
+            d = config.diffloss
+            self.head: DiffLossHead | SoftmaxHead = DiffLossHead(
+                config.token_dim,
+                config.width,
+                width=d.width,
+                depth=d.depth,
+                train_steps=d.train_steps,
+                sample_steps=d.sample_steps,
+                batch_mul=d.diffusion_batch_mul,
+                x0_bound=d.x0_bound,
+            )
+        else:
+            self.head = SoftmaxHead(config.vocab_size, config.width)
+
+    # ---- text -------------------------------------------------------------------------------
+
+    def align_text(self, hidden: Tensor, mask: Tensor, *, drop: Tensor | None = None) -> TextStates:
+        """T5 states [B, L, D_t] + mask [B, L] -> aligned text [B, L, D]; ``drop`` [B] -> null text."""
+        if hidden.ndim != 3 or hidden.shape[-1] != self.config.text_dim:
+            raise ValueError(
+                f"text hidden states must be [B, L, {self.config.text_dim}] (the T5 width); "
+                f"got {list(hidden.shape)}"
+            )
+        weight_dtype = self.trunk.pos_embed.dtype
+        return self.text_aligner(hidden.to(weight_dtype), mask, drop=drop)
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def _check_batch(self, batch: TrainBatch) -> None:
+        cfg, tokens = self.config, batch.tokens
+        n = cfg.num_tokens
+        if cfg.tokens == "discrete":
+            if tokens.ndim != 2 or tokens.shape[1] != n or tokens.dtype != torch.long:
+                raise ValueError(
+                    f"discrete tokens must be [B, {n}] int64; got {tokens.dtype} {list(tokens.shape)}"
+                )
+            if batch.token_std is not None:
+                raise ValueError(
+                    "token_std is only for continuous tokens; got it with discrete ids"
+                )
+        else:
+            c = cfg.token_dim
+            if (
+                tokens.ndim != 3
+                or tuple(tokens.shape[1:]) != (n, c)
+                or not tokens.is_floating_point()
+            ):
+                raise ValueError(
+                    f"continuous tokens must be float [B, {n}, {c}]; got {tokens.dtype} {list(tokens.shape)}"
+                )
+            if batch.token_std is not None and batch.token_std.shape != tokens.shape:
+                raise ValueError(
+                    f"token_std must match tokens {list(tokens.shape)}; got {list(batch.token_std.shape)}"
+                )
+        if (
+            batch.text_hidden.shape[0] != tokens.shape[0]
+            or batch.text_mask.shape != batch.text_hidden.shape[:2]
+        ):
+            raise ValueError(
+                f"text_hidden [B, L, D_t] and text_mask [B, L] must share the token batch "
+                f"{tokens.shape[0]}; got {list(batch.text_hidden.shape)} and {list(batch.text_mask.shape)}"
+            )
+
+    def training_loss(self, batch: TrainBatch) -> LossOutput:
+        """The training objective of this variant on one batch (fixed shapes, no host syncs)."""
+        self._check_batch(batch)
+        cfg = self.config
+        tokens = batch.tokens
+        device = tokens.device
+        bsz, n = tokens.shape[0], cfg.num_tokens
+        if batch.token_std is not None:
+            # Training targets are posterior samples of the tokenizer, drawn fresh every step.
+            tokens = tokens + batch.token_std * torch.randn_like(tokens)
+
+        drop = torch.rand(bsz, device=device) < cfg.text_drop_prob  # [B] bool
+        text = self.align_text(batch.text_hidden, batch.text_mask, drop=drop)  # hidden [B, L, D]
+        x = self.head.embed(tokens)  # [B, N, D]
+
+        if cfg.order == "random":
+            mask = training_mask(bsz, n, device=device)  # [B, N] bool, True = to predict
+            h = self.trunk(x, mask, text.hidden, text.mask)  # [B, N, D]
+            weight = mask.reshape(bsz * n)  # [B*N] only masked tokens count
+            mask_ratio = mask.float().mean()
+        else:
+            h = self.trunk(x, text.hidden, text.mask)  # [B, N, D]; h[:, i] predicts token i
+            weight = None  # teacher forcing: every token counts
+            mask_ratio = torch.ones((), device=device)
+
+        target = tokens.reshape(bsz * n, *tokens.shape[2:])  # [B*N] or [B*N, C]
+        loss = self.head.loss(target, h.reshape(bsz * n, -1), weight)
+        return LossOutput(
+            loss=loss,
+            mask_ratio=mask_ratio.detach(),
+            text_drop_rate=drop.float().mean().detach(),
+        )
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def generate(self, text_hidden: Tensor, text_mask: Tensor, **options: Any) -> Tensor:
+        """Sample image tokens for T5 states [B, L, D_t]; see :func:`fluid_train.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, text_hidden, text_mask, **options)
+
+    # ---- sizes ----------------------------------------------------------------------------------
+
+    def param_counts(self) -> ParamCounts:
+        """Trainable parameters of this model, per component."""
+        return ParamCounts(
+            text_aligner=_count(self.text_aligner), trunk=_count(self.trunk), head=_count(self.head)
+        )
+
+    @staticmethod
+    def count_params(config: FluidConfig) -> ParamCounts:
+        """Trainable parameters of ``config`` without allocating them.
+
+        The text aligner and the trunk are built on the meta device. The head is counted by
+        its own exact ``num_params``: fluid_heads computes the diffusion schedule's constants
+        eagerly in float64 on the host, which a meta-device build cannot run.
+        """
+        with torch.device("meta"):
+            aligner = TextAligner(config.aligner)
+            trunk_cls = MaskedTransformer if config.order == "random" else CausalTransformer
+            trunk = trunk_cls(config.backbone)
+        if config.tokens == "continuous":
+            d = config.diffloss
+            head = DiffLossHead.num_params(config.token_dim, config.width, d.width, d.depth)
+        else:
+            head = SoftmaxHead.num_params(config.vocab_size, config.width)
+        return ParamCounts(text_aligner=_count(aligner), trunk=_count(trunk), head=head)
+
+    # ---- save / load ----------------------------------------------------------------------------
+
+    def save_pretrained(
+        self, path: str | os.PathLike, *, weights: Mapping[str, Tensor] | None = None
+    ) -> None:
+        """Write ``config.json`` + ``model.safetensors``; ``weights`` (e.g. the EMA) replace the
+        model's own. ``weights`` must hold every parameter; buffers it lacks come from the model."""
+        from safetensors.torch import save_file
+
+        state = {k: v for k, v in self.state_dict().items()}
+        if weights is not None:
+            unknown = sorted(set(weights) - set(state))
+            if unknown:
+                raise ValueError(f"weights has entries this model does not: {unknown[:5]}")
+            missing = sorted(name for name, _ in self.named_parameters() if name not in weights)
+            if missing:
+                raise ValueError(f"weights lacks {len(missing)} parameters, e.g. {missing[:5]}")
+            for name, value in weights.items():
+                if value.shape != state[name].shape:
+                    raise ValueError(
+                        f"weights[{name!r}] is {list(value.shape)}; the model has {list(state[name].shape)}"
+                    )
+                state[name] = value
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        # safetensors refuses entries that share storage (tied or aliased weights): copy those.
+        tensors, seen = {}, set()
+        for name, value in state.items():
+            value = value.detach().to("cpu").contiguous()
+            ptr = value.untyped_storage().data_ptr()
+            tensors[name] = value.clone() if ptr in seen else value
+            seen.add(ptr)
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        config = {
+            "_class_name": "FluidModel",
+            "_fluid_train_version": __version__,
+            **self.config.to_dict(),
+        }
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        subfolder: str | None = None,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> FluidModel:
+        """Load a model written by :meth:`save_pretrained` from a local directory."""
+        from safetensors.torch import load_file
+
+        root = Path(path) / subfolder if subfolder else Path(path)
+        config_file, weights_file = root / CONFIG_NAME, root / WEIGHTS_NAME
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                raise FileNotFoundError(
+                    f"{f} not found: expected a FluidModel saved by save_pretrained"
+                )
+        data = json.loads(config_file.read_text())
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        model = cls(FluidConfig.from_dict(data))
+        model.load_state_dict(load_file(str(weights_file)), strict=True)
+        return model.to(device).eval()
