@@ -374,22 +374,10 @@ class FluidModel(nn.Module):
 
     @staticmethod
     def count_params(config: FluidConfig) -> ParamCounts:
-        """Trainable parameters of ``config`` without allocating them.
-
-        The text aligner and the trunk are built on the meta device. The head is counted by
-        its own exact ``num_params``: fluid_heads computes the diffusion schedule's constants
-        eagerly in float64 on the host, which a meta-device build cannot run.
-        """
+        """Trainable parameters of ``config``, built on the meta device (nothing is allocated)."""
         with torch.device("meta"):
-            aligner = TextAligner(config.aligner)
-            trunk_cls = MaskedTransformer if config.order == "random" else CausalTransformer
-            trunk = trunk_cls(config.backbone)
-        if config.tokens == "continuous":
-            d = config.diffloss
-            head = DiffLossHead.num_params(config.token_dim, config.width, d.width, d.depth)
-        else:
-            head = SoftmaxHead.num_params(config.vocab_size, config.width)
-        return ParamCounts(text_aligner=_count(aligner), trunk=_count(trunk), head=head)
+            model = FluidModel(config)
+        return model.param_counts()
 
     # ---- save / load ----------------------------------------------------------------------------
 
