@@ -358,7 +358,8 @@ class DiffLossHead(nn.Module):
         row_max = target.detach().abs().amax(dim=1)  # [M]
         if weights is not None:
             row_max = torch.where(weights > 0, row_max, torch.zeros_like(row_max))
-        batch_max = row_max.amax().to(self.target_abs_max.dtype)
+        # amax(dim=0), not amax(): torch_xla 2.9 returns the input unchanged for a dim-less amax.
+        batch_max = row_max.amax(dim=0).to(self.target_abs_max.dtype)
         self.target_abs_max.copy_(torch.maximum(self.target_abs_max, batch_max))
 
     def _check_loss_inputs(
