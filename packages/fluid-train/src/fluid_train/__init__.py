@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from .__about__ import __version__
 
+# Training: data, recipe, backends, checkpoints.
+from .data import TrainLoader
+
 # Model, presets, generation and the pipeline.
 from .flops import FlopsBreakdown, model_summary, sample_flops, train_flops, training_compute
 from .generation import generate
@@ -23,7 +26,10 @@ from .model import (
     TrainBatch,
 )
 from .pipeline import FluidPipeline, PipelineSampler, contact_sheet, find_pipeline, to_pil
+from .preprocess import preprocess
 from .presets import PAPER_SIZES, get_preset, list_presets
+from .recipe import TrainConfig
+from .trainer import NonFiniteLossError, Trainer, TrainResult, train
 
 __all__ = [
     "PAPER_SIZES",
@@ -50,6 +56,11 @@ __all__ = [
     "train_flops",
     "training_compute",
     "training_mask",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainLoader",
+    "TrainResult",
+    "Trainer",
+    "preprocess",
+    "train",
 ]
-
-# Training (data, recipe, backends, checkpoints): the trainer engineer adds exports below.

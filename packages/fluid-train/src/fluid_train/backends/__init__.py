@@ -1,0 +1,175 @@
+"""Where a training step runs: ``eager`` (PyTorch on CPU or one CUDA device) or ``xla``
+(torch_xla SPMD on TPU or any PJRT device). The trainer owns the loop and the step function;
+a backend owns devices, placement, compilation, host<->device traffic and checkpoint formats.
+
+``torch_xla`` is imported only when the xla backend is built, so this package imports on any
+machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..data import HostBatch, TrainLoader
+    from ..ema import EMA
+    from ..recipe import TrainConfig
+
+__all__ = ["Backend", "CheckpointState", "resolve_backend", "build_backend", "xla_available"]
+
+Encode = Callable[["HostBatch"], dict[str, Tensor]]
+
+
+@dataclass(slots=True)
+class CheckpointState:
+    """What a checkpoint holds: device state (sharded on xla) and small host state."""
+
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    host: dict[str, Any]  # step, data position, skip counts, ... (plain values)
+
+
+class Backend(ABC):
+    """Interface the trainer drives; see ``EagerBackend`` and ``XlaBackend``."""
+
+    name: str
+    device: torch.device
+    capturable: bool  # AdamW keeps its step count on the device (no host sync in the step)
+    process_index: int = 0
+    process_count: int = 1
+
+    @property
+    def is_writer(self) -> bool:
+        """The one process that writes metrics, logs and shared files."""
+        return self.process_index == 0
+
+    @abstractmethod
+    def autocast_dtype(self, precision: str) -> torch.dtype | None:
+        """The autocast dtype for ``precision`` (``auto``/``fp32``/``bf16``), None = fp32."""
+
+    @property
+    @abstractmethod
+    def autocast_device_type(self) -> str: ...
+
+    @abstractmethod
+    def prepare_model(self, model: nn.Module, config: TrainConfig) -> nn.Module:
+        """Move (and on xla shard) the model; optional activation checkpointing."""
+
+    def place_ema(self, ema: EMA) -> None:
+        """Give the EMA averages the placement of their parameters (sharding on xla)."""
+        return None
+
+    def grad_zeros(self, param: Tensor) -> Tensor:
+        """A zero gradient for ``param`` (placed like it)."""
+        return torch.zeros_like(param)
+
+    def scalar(self, value: float | int, dtype: torch.dtype) -> Tensor:
+        """A 0-d tensor on the device (enters compiled graphs as data, not a constant)."""
+        return torch.tensor(value, dtype=dtype, device=self.device)
+
+    @abstractmethod
+    def device_batches(
+        self, loader: TrainLoader, encode: Encode
+    ) -> Iterator[tuple[HostBatch, dict[str, Tensor]]]:
+        """(host batch, its training tensors on the device), in loader order."""
+
+    @abstractmethod
+    def run_step(
+        self, step_fn: Callable[..., Any], batch: dict[str, Tensor], closure: Callable | None
+    ) -> Any:
+        """Run one training step; ``closure(outputs)`` runs on the host once it has executed."""
+
+    def compiles(self) -> int | None:
+        """Graphs compiled so far (xla only)."""
+        return None
+
+    def barrier(self) -> None:
+        """Wait for every process (multi-host only)."""
+        return None
+
+    # -------------------------------------------------------------- checkpoints
+
+    @abstractmethod
+    def save_checkpoint(self, directory: Path, state: CheckpointState) -> None: ...
+
+    @abstractmethod
+    def load_checkpoint(self, directory: Path, state: CheckpointState) -> dict[str, Any]:
+        """Restore model, EMA and optimizer in place; return the host state."""
+
+    # -------------------------------------------------------------- RNG
+
+    def rng_state(self) -> dict[str, Any]:
+        """Host RNG states (torch CPU, python, numpy); backends add their device's."""
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached": float(cached),
+            },
+        }
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+
+    def seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+
+def xla_available() -> bool:
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("torch_xla") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _tpu_host() -> bool:
+    return os.environ.get("PJRT_DEVICE", "").upper() == "TPU" or os.path.exists("/dev/accel0")
+
+
+def resolve_backend(name: str) -> str:
+    """``auto`` -> ``xla`` on a TPU host with torch_xla installed, else ``eager``."""
+    if name == "auto":
+        return "xla" if xla_available() and _tpu_host() else "eager"
+    if name not in ("eager", "xla"):
+        raise ValueError(f"backend must be 'auto', 'eager' or 'xla'; got {name!r}")
+    if name == "xla" and not xla_available():
+        raise RuntimeError(
+            "backend 'xla' needs torch_xla (pip install 'fluid-train[xla]'); it is not installed"
+        )
+    return name
+
+
+def build_backend(config: TrainConfig) -> Backend:
+    name = resolve_backend(config.backend)
+    if name == "xla":
+        from .xla import XlaBackend
+
+        return XlaBackend(config)
+    from .eager import EagerBackend
+
+    return EagerBackend(config)

@@ -1,0 +1,133 @@
+"""The eager backend: plain PyTorch on the CPU or one CUDA device.
+
+The step runs op by op; the host reads losses only at log and checkpoint boundaries (so a CUDA
+run is not synchronised every step). Checkpoints are one ``torch.save`` file per step directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import load_torch, save_torch
+from ..parallelize import activation_checkpoint_eager
+from . import Backend, CheckpointState, Encode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..data import HostBatch, TrainLoader
+    from ..recipe import TrainConfig
+
+__all__ = ["EagerBackend"]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class EagerBackend(Backend):
+    name = "eager"
+
+    def __init__(self, config: TrainConfig) -> None:
+        device = torch.device(config.device) if config.device else default_device()
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the eager backend runs on 'cpu' or 'cuda[:i]'; got device {device}")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device {device} requested but CUDA is not available")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(device)
+        self.device = device
+        # Adam's capturable path keeps step counts on the device; PyTorch supports it on CUDA only.
+        self.capturable = device.type == "cuda"
+
+    @property
+    def autocast_device_type(self) -> str:
+        return self.device.type
+
+    def autocast_dtype(self, precision: str) -> torch.dtype | None:
+        if precision == "fp32" or (precision == "auto" and self.device.type == "cpu"):
+            return None
+        return torch.bfloat16
+
+    def prepare_model(self, model: nn.Module, config: TrainConfig) -> nn.Module:
+        if config.parallel.activation_checkpointing == "block":
+            activation_checkpoint_eager(model)
+        return model.to(self.device)
+
+    def device_batches(
+        self, loader: TrainLoader, encode: Encode
+    ) -> Iterator[tuple[HostBatch, dict[str, Tensor]]]:
+        for host_batch in loader:
+            tensors = encode(host_batch)
+            yield host_batch, {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
+
+    def run_step(
+        self, step_fn: Callable[..., Any], batch: dict[str, Tensor], closure: Callable | None
+    ) -> Any:
+        out = step_fn(batch)
+        if closure is not None:
+            closure(out)
+        return out
+
+    # -------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, directory: Path, state: CheckpointState) -> None:
+        save_torch(
+            directory,
+            {
+                "model": state.model.state_dict(),
+                "ema": state.ema.state_dict(),
+                "optimizer": _optimizer_state(state.optimizer),
+                "host": state.host,
+                "rng": self.rng_state(),
+            },
+        )
+
+    def load_checkpoint(self, directory: Path, state: CheckpointState) -> dict[str, Any]:
+        saved = load_torch(directory)
+        state.model.load_state_dict(saved["model"])
+        state.ema.load_state_dict(saved["ema"])
+        _load_optimizer_state(state.optimizer, saved["optimizer"])
+        self.set_rng_state(saved["rng"])
+        return saved["host"]
+
+    # -------------------------------------------------------------- RNG
+
+    def rng_state(self) -> dict[str, Any]:
+        state = super().rng_state()
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        super().set_rng_state(state)
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` without the shared lr tensor (the trainer owns and saves it)
+    and the per-group ``names`` (rebuilt from the model)."""
+    state = optimizer.state_dict()
+    groups = []
+    for group in state["param_groups"]:
+        group = {k: v for k, v in group.items() if k != "names"}
+        if isinstance(group.get("lr"), Tensor):
+            group["lr"] = float(group["lr"])
+        groups.append(group)
+    return {"state": state["state"], "param_groups": groups}
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    lr = optimizer.param_groups[0]["lr"]
+    names = [g.get("names") for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, group_names in zip(optimizer.param_groups, names, strict=True):
+        group["lr"] = lr  # keep the one shared schedule tensor
+        if group_names is not None:
+            group["names"] = group_names

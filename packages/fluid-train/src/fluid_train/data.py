@@ -1,0 +1,602 @@
+"""Training data: webdataset shards, read deterministically, resumably and without ever failing
+on a bad sample (DESIGN.md §8).
+
+Two kinds of shards, told apart by their entries:
+
+- ``images``: the img2dataset layout — ``{key}.jpg|jpeg|png|webp``, ``{key}.txt`` (the caption),
+  optional ``{key}.json`` (its ``caption`` is used when ``.txt`` is missing). Images are center
+  cropped and resized to the model resolution (ADM/MAR's ``center_crop_arr``) to ``[-1, 1]``.
+- ``encoded``: written by ``fluid preprocess`` — ``{key}.tokens.npy`` (VQ ids ``[N]`` or the
+  SD-VAE posterior mean ``[N, C]``), optional ``{key}.tokens_std.npy`` ``[N, C]``,
+  ``{key}.text.npy`` (frozen T5 states ``[L, D_t]``), ``{key}.text_mask.npy`` ``[L]``.
+
+Order and resumption. The shards are split into ``hosts × max(workers, 1)`` logical streams.
+Each stream is an endless, deterministic sequence: epoch ``e`` permutes the shard list with the
+seed, takes every S-th shard, reads them in order through a seeded shuffle buffer. A stream's
+position is (epoch, raw samples read in that epoch); resuming re-reads the stream up to that
+point without decoding. Batches come from the streams round-robin (what a ``DataLoader`` with
+workers does), so the position of the whole loader is the per-stream positions plus the number
+of batches taken, and a resumed run sees exactly the batches the uninterrupted run would have.
+
+Bad samples (an image PIL cannot decode, no caption, no image, a malformed encoded entry, a tar
+read error) are skipped and counted per shard and reason; the trainer logs
+``shard data/00012.tar: 3 unreadable images skipped`` and writes the totals to metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "HostBatch",
+    "ShardDataset",
+    "SkipSample",
+    "TrainLoader",
+    "center_crop_resize",
+    "decode_encoded_sample",
+    "decode_image_sample",
+    "describe_skips",
+    "detect_kind",
+    "expand_shards",
+    "image_to_tensor",
+    "iter_raw_samples",
+    "write_shard",
+]
+
+logger = logging.getLogger(__name__)
+
+DataKind = Literal["images", "encoded"]
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Skip reasons -> how a log line names them ("3 unreadable images skipped").
+SKIP_REASONS = {
+    "unreadable_image": "unreadable images",
+    "missing_image": "samples without an image",
+    "missing_caption": "samples without a caption",
+    "malformed": "malformed encoded samples",
+    "read_error": "tar read errors",
+}
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; ``reason`` is a key of ``SKIP_REASONS``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------- shard lists
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard URLs from paths, directories (their ``*.tar``), globs, ``{000..099}`` brace
+    patterns, ``::``-separated lists and any URL webdataset opens (``pipe:``, ``https://``,
+    ``gs://`` through a pipe). Local paths must exist."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not items:
+        raise ValueError("data shards: got an empty list; expected paths, globs or URLs")
+    urls: list[str] = []
+    for item in items:
+        for url in wds.shardlists.expand_urls(str(item)):
+            if _is_remote(url):
+                urls.append(url)
+            elif any(ch in url for ch in "*?["):
+                found = sorted(glob.glob(url))
+                if not found:
+                    raise FileNotFoundError(f"data shards: glob {url!r} matches no file")
+                urls.extend(found)
+            elif os.path.isdir(url):
+                found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                if not found:
+                    raise FileNotFoundError(f"data shards: directory {url!r} holds no *.tar file")
+                urls.extend(found)
+            elif os.path.isfile(url):
+                urls.append(url)
+            else:
+                raise FileNotFoundError(f"data shards: {url!r} does not exist")
+    return urls
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def iter_raw_samples(url: str, skips: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of one shard as ``{"__key__", "__url__", ext: bytes}`` dicts.
+
+    Read errors (a truncated tar, a shard that cannot be opened) are counted in ``skips`` under
+    ``read_error`` and end or skip the damaged part; they never raise.
+    """
+
+    def handler(error: Exception) -> bool:
+        if skips is not None:
+            skips["read_error"] += 1
+        logger.warning("shard %s: read error skipped (%s)", url, error)
+        return True
+
+    yield from wds.tarfile_samples([{"url": url}], handler=handler)
+
+
+def detect_kind(urls: Sequence[str]) -> DataKind:
+    """``encoded`` when the first sample has ``tokens.npy``, else ``images``."""
+    for url in urls[:3]:
+        for sample in iter_raw_samples(url):
+            return "encoded" if "tokens.npy" in sample else "images"
+    raise ValueError(f"data shards {list(urls[:3])} hold no readable sample")
+
+
+# ---------------------------------------------------------------------- decoding
+
+
+def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+    """ADM's ``center_crop_arr`` (used by MAR): halve with a box filter while the short side is
+    at least 2·size, bicubic-resize the short side to ``size``, crop the center square."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left = (image.size[0] - size) // 2
+    top = (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def image_to_tensor(image: Image.Image) -> Tensor:
+    """RGB PIL image -> float ``[3, H, W]`` in ``[-1, 1]``."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H, W, 3] in [0, 255]
+    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)  # [3, H, W]
+
+
+def _caption(sample: dict[str, Any]) -> str:
+    text = sample.get("txt")
+    if text is None and "json" in sample:
+        try:
+            text = json.loads(sample["json"]).get("caption")
+        except (ValueError, AttributeError):
+            text = None
+        if text is not None and not isinstance(text, str):
+            text = None
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text).decode("utf-8", errors="replace")
+    text = (text or "").strip()
+    if not text:
+        raise SkipSample("missing_caption", sample.get("__key__", "?"))
+    return text
+
+
+def decode_image_sample(sample: dict[str, Any], image_size: int) -> tuple[Tensor, str]:
+    """img2dataset sample -> (image ``[3, S, S]`` in ``[-1, 1]``, caption); raises SkipSample."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise SkipSample("missing_image", sample.get("__key__", "?"))
+    caption = _caption(sample)
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            image.load()
+            image = center_crop_resize(image.convert("RGB"), image_size)
+    except Exception as error:  # PIL raises many types for corrupt data
+        raise SkipSample("unreadable_image", f"{sample.get('__key__', '?')}: {error}") from None
+    return image_to_tensor(image), caption
+
+
+def decode_encoded_sample(
+    sample: dict[str, Any],
+    expected: dict[str, tuple[int, ...]] | None = None,
+    *,
+    exact: bool = False,
+) -> dict[str, Tensor]:
+    """``fluid preprocess`` sample -> tensors ``tokens``, ``text_hidden`` (float32),
+    ``text_mask`` (bool), optionally ``token_std``; raises SkipSample("malformed").
+
+    ``expected`` maps names to shapes (``-1`` = any size); a mismatch is malformed, since it
+    would change the compiled step's shapes. ``exact``: the sample must have exactly the
+    entries ``expected`` names (how a stream holds every sample to its first one).
+    """
+    key = sample.get("__key__", "?")
+    try:
+        arrays = {
+            "tokens": _load_npy(sample["tokens.npy"]),
+            "text_hidden": _load_npy(sample["text.npy"]),
+            "text_mask": _load_npy(sample["text_mask.npy"]),
+        }
+        if "tokens_std.npy" in sample:
+            arrays["token_std"] = _load_npy(sample["tokens_std.npy"])
+    except (KeyError, ValueError, OSError) as error:
+        raise SkipSample("malformed", f"{key}: {error}") from None
+    if expected is not None:
+        if exact and set(arrays) != set(expected):
+            raise SkipSample(
+                "malformed", f"{key}: entries {sorted(arrays)}, expected {sorted(expected)}"
+            )
+        for name, array in arrays.items():
+            shape = expected.get(name)
+            if shape is None:
+                continue
+            if len(shape) != array.ndim or any(
+                e not in (-1, a) for e, a in zip(shape, array.shape, strict=True)
+            ):
+                raise SkipSample(
+                    "malformed", f"{key}: {name} is {list(array.shape)}, expected {list(shape)}"
+                )
+    out = {}
+    for name, array in arrays.items():
+        if name == "tokens":
+            dtype = np.int64 if np.issubdtype(array.dtype, np.integer) else np.float32
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+        elif name == "text_mask":
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=bool))
+        else:
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        out[name] = tensor
+    return out
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def describe_skips(url: str, counts: dict[str, int]) -> str:
+    """``shard data/00012.tar: 3 unreadable images skipped, 1 samples without a caption skipped``"""
+    parts = [f"{n} {SKIP_REASONS.get(reason, reason)} skipped" for reason, n in counts.items() if n]
+    return f"shard {url}: " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------------- streams
+
+
+@dataclass(slots=True)
+class StreamState:
+    """Where one logical stream stands: raw samples read in ``epoch``, and its skip counts."""
+
+    epoch: int = 0
+    offset: int = 0
+    skips: dict[str, dict[str, int]] = field(default_factory=dict)  # shard -> reason -> n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "offset": self.offset, "skips": self.skips}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamState:
+        skips = {url: dict(c) for url, c in data.get("skips", {}).items()}
+        return cls(epoch=int(data["epoch"]), offset=int(data["offset"]), skips=skips)
+
+
+@dataclass(slots=True)
+class HostBatch:
+    """One batch on the host plus where its stream stood after it (for resumption)."""
+
+    tensors: dict[str, Tensor]  # images: "images" [B, 3, S, S]; encoded: tokens, text_*, ...
+    captions: list[str] | None  # images only
+    stream: int  # the logical stream that produced it
+    state: StreamState  # that stream's state after this batch
+    finished: list[tuple[str, dict[str, int]]]  # shards finished since its previous batch
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Batches from a set of logical streams; a DataLoader worker serves one stream.
+
+    With ``num_workers = 0`` the process serves its single local stream. ``rotation`` maps
+    worker ``w`` to local stream ``(w + rotation) % W`` so that a resumed DataLoader, which
+    always starts at worker 0, continues the round-robin where the previous run stopped.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        kind: DataKind,
+        batch_size: int,
+        image_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        streams: Sequence[int],
+        num_streams: int,
+        states: dict[int, StreamState],
+        rotation: int = 0,
+        expected: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        self.kind = kind
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.streams = list(streams)
+        self.num_streams = num_streams
+        self.states = states
+        self.rotation = rotation
+        self.expected = expected  # shapes with -1 wildcards, from the model
+        self.fixed: dict[str, tuple[int, ...]] | None = None  # exact, from the first sample
+
+    def __iter__(self) -> Iterator[HostBatch]:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            if len(self.streams) != 1:
+                raise RuntimeError(f"without workers one stream is served; got {self.streams}")
+            local = 0
+        else:
+            if info.num_workers != len(self.streams):
+                raise RuntimeError(f"{info.num_workers} workers for {len(self.streams)} streams")
+            local = (info.id + self.rotation) % info.num_workers
+        stream = self.streams[local]
+        yield from self._batches(stream, self.states.get(stream, StreamState()))
+
+    # A stream: one epoch of its shards through the seeded shuffle buffer. Yields raw samples
+    # and, once every sample of a shard has left the buffer, an end-of-shard marker.
+    def _shuffled(self, stream: int, epoch: int, read_errors: dict[str, Counter[str]]):
+        order = list(self.urls)
+        random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
+        mine = order[stream :: self.num_streams]
+        rng = random.Random(f"{self.seed}-samples-{epoch}-{stream}")
+        buffer: list[dict[str, Any]] = []
+        pending: Counter[str] = Counter()  # samples of a shard not yet yielded
+        done: set[str] = set()  # shards read to the end
+
+        def emit(sample: dict[str, Any]):
+            yield sample
+            url = sample["__url__"]
+            pending[url] -= 1
+            if pending[url] == 0 and url in done:
+                yield {"__end_of_shard__": url}
+
+        for url in mine:
+            errors = read_errors.setdefault(url, Counter())
+            for sample in iter_raw_samples(url, errors):
+                sample["__url__"] = url
+                pending[url] += 1
+                if self.shuffle_buffer <= 1:
+                    yield from emit(sample)
+                elif len(buffer) < self.shuffle_buffer:
+                    buffer.append(sample)
+                else:
+                    index = rng.randrange(len(buffer))
+                    buffer[index], sample = sample, buffer[index]
+                    yield from emit(sample)
+            done.add(url)
+            if pending[url] == 0:
+                yield {"__end_of_shard__": url}
+        rng.shuffle(buffer)
+        for sample in buffer:
+            yield from emit(sample)
+
+    def _batches(self, stream: int, start: StreamState) -> Iterator[HostBatch]:
+        state = StreamState(epoch=start.epoch, offset=start.offset, skips=start.skips)
+        items: list[Any] = []
+        finished: list[tuple[str, dict[str, int]]] = []
+        while True:
+            read_errors: dict[str, Counter[str]] = {}
+            resumed_at = state.offset
+            position = valid = 0
+            for raw in self._shuffled(stream, state.epoch, read_errors):
+                if "__end_of_shard__" in raw:
+                    url = raw["__end_of_shard__"]
+                    if read_errors.get(url):
+                        self._count(state, url, read_errors.pop(url))
+                    if any(state.skips.get(url, {}).values()):
+                        finished.append((url, dict(state.skips[url])))
+                    continue
+                # A full batch leaves only now, so that it reports the shards finished with it.
+                if len(items) == self.batch_size:
+                    yield self._collate(items, stream, state, finished)
+                    items, finished = [], []
+                position += 1
+                if position <= resumed_at:
+                    continue  # resuming: consumed by the run this one continues
+                state.offset = position
+                try:
+                    items.append(self._decode(raw))
+                    valid += 1
+                except SkipSample as skip:
+                    self._count(state, raw["__url__"], Counter({skip.reason: 1}))
+            if len(items) == self.batch_size:
+                yield self._collate(items, stream, state, finished)
+                items, finished = [], []
+            if position == 0:
+                raise RuntimeError(
+                    f"data stream {stream} read no sample in epoch {state.epoch}: its shards are "
+                    "empty or unreadable (see the log)"
+                )
+            if valid == 0 and position > resumed_at:
+                raise RuntimeError(
+                    f"data stream {stream} found no usable sample among {position} in epoch "
+                    f"{state.epoch}; skipped: {state.skips}"
+                )
+            state = StreamState(epoch=state.epoch + 1, offset=0, skips=state.skips)
+
+    @staticmethod
+    def _count(state: StreamState, url: str, counts: Counter[str]) -> None:
+        per_shard = state.skips.setdefault(url, {})
+        for reason, n in counts.items():
+            per_shard[reason] = per_shard.get(reason, 0) + n
+
+    def _decode(self, raw: dict[str, Any]) -> Any:
+        if self.kind == "images":
+            return decode_image_sample(raw, self.image_size)
+        if self.fixed is not None:
+            return decode_encoded_sample(raw, self.fixed, exact=True)
+        tensors = decode_encoded_sample(raw, self.expected)
+        # The first sample fixes every entry and shape (fixed-shape batches).
+        self.fixed = {name: tuple(t.shape) for name, t in tensors.items()}
+        return tensors
+
+    def _collate(self, items, stream, state, finished) -> HostBatch:
+        snapshot = StreamState(
+            epoch=state.epoch,
+            offset=state.offset,
+            skips={url: dict(c) for url, c in state.skips.items()},
+        )
+        if self.kind == "images":
+            images = torch.stack([image for image, _ in items])  # [B, 3, S, S]
+            return HostBatch({"images": images}, [c for _, c in items], stream, snapshot, finished)
+        tensors = {name: torch.stack([item[name] for item in items]) for name in items[0]}
+        return HostBatch(tensors, None, stream, snapshot, finished)
+
+
+def _identity(batch: HostBatch) -> HostBatch:
+    return batch
+
+
+class TrainLoader:
+    """Endless, resumable batches for one host: ``for batch in loader`` + ``commit(batch)``.
+
+    ``commit`` marks a batch as trained on; ``state_dict`` describes the committed position
+    only, so batches prefetched but not yet trained on are read again after a resume.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        *,
+        batch_size: int,
+        image_size: int,
+        kind: Literal["auto", "images", "encoded"] = "auto",
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+        host: int = 0,
+        num_hosts: int = 1,
+        expected: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if not 0 <= host < num_hosts:
+            raise ValueError(f"host must be in [0, {num_hosts}); got {host}")
+        self.urls = expand_shards(shards)
+        self.kind: DataKind = detect_kind(self.urls) if kind == "auto" else kind
+        if self.kind not in ("images", "encoded"):
+            raise ValueError(f"data kind must be 'auto', 'images' or 'encoded'; got {kind!r}")
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.num_workers = num_workers
+        self.expected = expected
+        per_host = max(num_workers, 1)
+        self.num_streams = num_hosts * per_host
+        if len(self.urls) < self.num_streams:
+            raise ValueError(
+                f"data has {len(self.urls)} shard(s); {num_hosts} host(s) x {per_host} stream(s) "
+                f"need at least {self.num_streams} (one per stream) — write more, smaller shards "
+                "or use fewer workers"
+            )
+        self.streams = [host * per_host + i for i in range(per_host)]
+        self.states: dict[int, StreamState] = {s: StreamState() for s in self.streams}
+        self.batches = 0  # committed batches
+        self._logged: dict[str, dict[str, int]] = {}
+
+    # -------------------------------------------------------------- iteration
+
+    def __iter__(self) -> Iterator[HostBatch]:
+        dataset = ShardDataset(
+            self.urls,
+            kind=self.kind,
+            batch_size=self.batch_size,
+            image_size=self.image_size,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            streams=self.streams,
+            num_streams=self.num_streams,
+            states={s: StreamState.from_dict(st.to_dict()) for s, st in self.states.items()},
+            rotation=self.batches % max(self.num_workers, 1),
+            expected=self.expected,
+        )
+        if self.num_workers == 0:
+            return iter(dataset)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            persistent_workers=False,
+            prefetch_factor=2,
+        )
+        return iter(loader)
+
+    def commit(self, batch: HostBatch) -> None:
+        """Record ``batch`` as trained on; log the skip counts of shards it reports finished."""
+        self.states[batch.stream] = batch.state
+        self.batches += 1
+        for url, counts in batch.finished:
+            if self._logged.get(url) != counts:
+                logger.warning(describe_skips(url, counts))
+                self._logged[url] = counts
+
+    # -------------------------------------------------------------- counts and state
+
+    def skip_totals(self) -> dict[str, int]:
+        """Samples skipped so far by reason, summed over shards and streams (all reasons)."""
+        totals = dict.fromkeys(SKIP_REASONS, 0)
+        for state in self.states.values():
+            for counts in state.skips.values():
+                for reason, n in counts.items():
+                    totals[reason] = totals.get(reason, 0) + n
+        return totals
+
+    def skips_by_shard(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for state in self.states.values():
+            for url, counts in state.skips.items():
+                merged = out.setdefault(url, {})
+                for reason, n in counts.items():
+                    merged[reason] = merged.get(reason, 0) + n
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "num_streams": self.num_streams,
+            "streams": {str(s): st.to_dict() for s, st in self.states.items()},
+            "shards": len(self.urls),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_streams"] != self.num_streams or state["shards"] != len(self.urls):
+            raise ValueError(
+                f"data position was saved for {state['shards']} shards in "
+                f"{state['num_streams']} streams; this run has {len(self.urls)} shards in "
+                f"{self.num_streams} streams (keep --data, hosts and data.num_workers to resume)"
+            )
+        self.batches = int(state["batches"])
+        for s in self.streams:
+            self.states[s] = StreamState.from_dict(state["streams"][str(s)])
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
+    """Write ``samples`` (``{"__key__": ..., ext: bytes | str}``) as one webdataset tar,
+    atomically (temp file, fsync, rename); returns the number written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    with wds.TarWriter(str(tmp)) as writer:
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return count
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Small helper shared with preprocess: write JSON via a temp file + rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)

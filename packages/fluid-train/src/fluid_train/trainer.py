@@ -1,0 +1,517 @@
+"""The stateful trainer: one step function for both backends, metrics, checkpoints, export.
+
+``train(TrainConfig(...)) -> TrainResult`` (or ``fluid train``) runs a whole job:
+
+1. Build the model from a preset (seeded, on the CPU), the data loader, and — for image shards
+   or for the final export — the frozen tokenizer and T5.
+2. Hand the model to the backend (device placement; SPMD sharding on xla), build AdamW over the
+   recipe's parameter groups with a tensor learning rate, and the EMA.
+3. Resume from ``RUN/checkpoints/latest`` when asked: model, EMA, optimizer, step, RNG states
+   and the data position (so the resumed run sees the same batches).
+4. Loop: ``train_step`` (forward under autocast, backward, clip, schedule, AdamW, EMA) runs
+   with no host synchronisation; every ``log_every`` steps and before every checkpoint the
+   host reads the step losses (a step closure on xla), refuses to continue past a NaN/inf
+   (``NonFiniteLossError`` — raised before any checkpoint is written), writes one line of
+   ``metrics.jsonl`` and TensorBoard scalars, and updates the progress bar.
+5. Write the last checkpoint and export the EMA weights as a ``FluidPipeline`` to
+   ``RUN/pipeline/`` (or the EMA model alone to ``RUN/model/`` without tokenizer/T5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .backends import Backend, CheckpointState, build_backend
+from .checkpoint import CheckpointManager
+from .data import HostBatch, TrainLoader
+from .ema import EMA
+from .model import FluidConfig, FluidModel, TrainBatch
+from .presets import get_preset
+from .recipe import TrainConfig, build_optimizer, learning_rate, prime_optimizer
+
+__all__ = ["NonFiniteLossError", "StepOutput", "TrainResult", "Trainer", "train"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "train_config.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; no checkpoint was written after it."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint: Path | None):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        self.last_checkpoint = last_checkpoint
+        where = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was written"
+        )
+        super().__init__(
+            f"non-finite loss at step {step}: loss={loss}, grad_norm={grad_norm}; training "
+            f"stopped before writing any checkpoint ({where})"
+        )
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step returns, as device tensors (read on the host only at flush points)."""
+
+    loss: Tensor  # scalar float32
+    grad_norm: Tensor  # scalar, before clipping
+    lr: Tensor  # scalar, the learning rate this step used
+
+
+@dataclass(slots=True)
+class TrainResult:
+    run_dir: Path
+    step: int  # steps completed
+    loss: float | None  # mean loss of the last logged window
+    metrics: Path
+    checkpoint: Path | None
+    pipeline: Path | None  # RUN/pipeline (or RUN/model without tokenizer/T5)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def train(config: TrainConfig, *, model_config: FluidConfig | None = None) -> TrainResult:
+    """Run ``config`` to ``config.steps``; ``model_config`` replaces the preset if given."""
+    return Trainer(config, model_config=model_config).fit()
+
+
+class Trainer:
+    """All training state in one object; ``fit()`` runs the loop."""
+
+    def __init__(self, config: TrainConfig, *, model_config: FluidConfig | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(config.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._log_handler = self._attach_log_file()
+        self._tensorboard = None
+        self._bar = None
+        try:
+            self._setup(model_config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, model_config: FluidConfig | None) -> None:
+        config = self.config
+        self.backend: Backend = build_backend(config)
+        self.backend.seed(config.seed)
+        self.model_config = model_config or get_preset(config.preset, **config.model)
+        mc = self.model_config
+        if config.batch_size % self.backend.process_count:
+            raise ValueError(
+                f"batch_size {config.batch_size} must divide over {self.backend.process_count} hosts"
+            )
+        self.host_batch = config.batch_size // self.backend.process_count
+
+        self.loader = TrainLoader(
+            config.data.shards,
+            batch_size=self.host_batch,
+            image_size=mc.image_size,
+            kind=config.data.kind,
+            seed=config.seed,
+            shuffle_buffer=config.data.shuffle_buffer,
+            num_workers=config.data.num_workers,
+            host=self.backend.process_index,
+            num_hosts=self.backend.process_count,
+            expected=self._expected_shapes(mc),
+        )
+        self.encoders = self._build_encoders()
+
+        torch.manual_seed(config.seed)  # the initial weights depend on the seed only
+        model = FluidModel(mc)
+        self.model = self.backend.prepare_model(model, config)
+        self.lr = self.backend.scalar(0.0, torch.float32)
+        self.step_t = self.backend.scalar(0, torch.int64)
+        self.optimizer = build_optimizer(
+            self.model, config.optim, lr=self.lr, capturable=self.backend.capturable
+        )
+        prime_optimizer(self.optimizer, zeros_like=self.backend.grad_zeros)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.ema = EMA(self.model, config.ema_decay)
+        self.backend.place_ema(self.ema)
+        self.autocast_dtype = self.backend.autocast_dtype(config.precision)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints",
+            keep=config.keep_checkpoints,
+            is_writer=self.backend.is_writer,
+            barrier=self.backend.barrier,
+        )
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self._pending: list[StepOutput] = []
+        self._flushed: list[tuple[float, float, float]] | None = None
+        self._window_start = (0, time.perf_counter())
+        self.last_loss: float | None = None
+        self._checkpoint_step: int | None = None
+        self._prepare_run()
+
+    # -------------------------------------------------------------- setup
+
+    def _attach_log_file(self) -> logging.Handler:
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("fluid_train")
+        root.addHandler(handler)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        return handler
+
+    @staticmethod
+    def _expected_shapes(mc: FluidConfig) -> dict[str, tuple[int, ...]]:
+        tokens = (mc.num_tokens,) if mc.tokens == "discrete" else (mc.num_tokens, mc.token_dim)
+        return {"tokens": tokens, "text_hidden": (-1, mc.text_dim), "text_mask": (-1,)}
+
+    def _build_encoders(self):
+        """The frozen parts: checked against the model now, loaded when needed.
+
+        The tokenizer is loaded (it is small); T5 only when image shards need it — for encoded
+        shards just its width is checked now and it is loaded for the export at the end.
+        """
+        from .preprocess import (
+            FrozenEncoders,
+            load_text_encoder,
+            load_tokenizer,
+            text_encoder_width,
+        )
+
+        config, mc = self.config, self.model_config
+        self.tokenizer = self.text_encoder = None
+        if config.tokenizer:
+            self.tokenizer = load_tokenizer(config.tokenizer)
+            spec = self.tokenizer.spec
+            size = spec.token_dim if spec.kind == "continuous" else spec.vocab_size
+            expected = mc.token_dim if mc.tokens == "continuous" else mc.vocab_size
+            if spec.kind != mc.tokens or tuple(spec.grid) != tuple(mc.grid) or size != expected:
+                raise ValueError(
+                    f"tokenizer {config.tokenizer} gives {spec.kind} tokens ({size}) on a "
+                    f"{tuple(spec.grid)} grid; the model expects {mc.tokens} tokens ({expected}) "
+                    f"on {tuple(mc.grid)}"
+                )
+        if config.text_encoder:
+            width = text_encoder_width(config.text_encoder)
+            if width != mc.text_dim:
+                raise ValueError(
+                    f"text encoder {config.text_encoder} has width {width}; the model's aligner "
+                    f"expects {mc.text_dim}"
+                )
+        if self.loader.kind != "images":
+            return None
+        if self.tokenizer is None or not config.text_encoder:
+            raise ValueError(
+                "the data are image shards: training needs --tokenizer and --text-encoder "
+                "(or preprocess them first with `fluid preprocess`)"
+            )
+        self.text_encoder = load_text_encoder(config.text_encoder)
+        # eager: the frozen parts run on the training device; xla: on the host CPU, in the
+        # loader thread, so the compiled step sees tokens only (preprocess for TPU pods).
+        if self.backend.name == "eager":
+            self.tokenizer.to(self.backend.device)
+            self.text_encoder.to(self.backend.device)
+        length = config.data.text_length or mc.text_length
+        return FrozenEncoders(self.tokenizer, self.text_encoder, text_length=length)
+
+    def _prepare_run(self) -> None:
+        config_path = self.run_dir / CONFIG_FILE
+        # Through JSON, so tuples compare equal to the lists read back from the file.
+        record = json.loads(
+            json.dumps(
+                {"train": self.config.to_dict(), "model": self.model_config.to_dict()}, default=str
+            )
+        )
+        existing = self.checkpoints.latest()
+        if existing is not None and not self.config.resume:
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints (latest {existing.name}); pass "
+                "--resume to continue it or choose a new --out"
+            )
+        if existing is not None:
+            saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            if saved.get("model") not in (None, record["model"]):
+                raise ValueError(
+                    f"cannot resume {self.run_dir}: its model config differs from this one "
+                    f"(see {config_path})"
+                )
+            self._resume(existing)
+        elif self.config.resume:
+            logger.info("--resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
+        if self.backend.is_writer:
+            config_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            self._truncate_metrics()
+        self._tensorboard = self._open_tensorboard()
+
+    def _open_tensorboard(self):
+        if not self.backend.is_writer:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard not installed: metrics.jsonl only
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics lines past the resumed step (logged after the last checkpoint)."""
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        if len(kept) != len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
+
+    # -------------------------------------------------------------- checkpoints
+
+    def _state(self) -> CheckpointState:
+        host = {
+            "step": self.step,
+            "data": self.loader.state_dict(),
+            "host_batch": self.host_batch,
+            "seed": self.config.seed,
+        }
+        return CheckpointState(self.model, self.ema, self.optimizer, host)
+
+    def _resume(self, path: Path) -> None:
+        host = self.backend.load_checkpoint(path, self._state())
+        if host["host_batch"] != self.host_batch:
+            raise ValueError(
+                f"checkpoint {path} was written with {host['host_batch']} samples per host and "
+                f"batch; this run uses {self.host_batch} (keep --batch-size to resume)"
+            )
+        self.loader.load_state_dict(host["data"])
+        self.step = int(host["step"])
+        self.step_t = self.backend.scalar(self.step, torch.int64)
+        self.last_checkpoint = path
+        self._checkpoint_step = self.step
+        self._window_start = (self.step, time.perf_counter())
+        logger.info("resumed %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpoints.save(
+            self.step,
+            lambda directory: self.backend.save_checkpoint(directory, self._state()),
+            meta={"backend": self.backend.name, "preset": self.config.preset},
+        )
+        self.last_checkpoint = path
+        self._checkpoint_step = self.step
+        return path
+
+    # -------------------------------------------------------------- the step
+
+    def _to_train_batch(self, batch: dict[str, Tensor]) -> TrainBatch:
+        return TrainBatch(
+            tokens=batch["tokens"],
+            text_hidden=batch["text_hidden"],
+            text_mask=batch["text_mask"],
+            token_std=batch.get("token_std"),
+        )
+
+    def train_step(self, batch: dict[str, Tensor]) -> StepOutput:
+        """One optimisation step, identical on every backend; no host synchronisation."""
+        self.optimizer.zero_grad(set_to_none=True)
+        dtype = self.autocast_dtype
+        autocast = (
+            torch.autocast(self.backend.autocast_device_type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            loss = self.model.training_loss(self._to_train_batch(batch)).loss.float()
+        loss.backward()
+        # The total norm before clipping; an infinite bound leaves the gradients as they are.
+        clip = self.config.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, clip if clip is not None else float("inf")
+        )
+        lr = learning_rate(
+            self.step_t,
+            lr=self.config.optim.lr,
+            schedule=self.config.schedule,
+            total_steps=self.config.steps,
+        )
+        self.lr.copy_(lr)  # the optimizer's shared lr tensor
+        self.optimizer.step()
+        self.ema.update()
+        self.step_t.add_(1)
+        return StepOutput(loss=loss.detach(), grad_norm=grad_norm.detach(), lr=lr.detach())
+
+    def _encode(self, host_batch: HostBatch) -> dict[str, Tensor]:
+        if self.encoders is None:
+            return host_batch.tensors
+        return self.encoders(host_batch.tensors["images"], host_batch.captions)
+
+    # -------------------------------------------------------------- host reads
+
+    def _closure(self, previous: list[StepOutput]) -> Callable[[StepOutput], None]:
+        def read(out: StepOutput) -> None:
+            # Runs after the step's graph executed (xla) or right after the step (eager).
+            self._flushed = [
+                (float(o.loss), float(o.grad_norm), float(o.lr)) for o in (*previous, out)
+            ]
+
+        return read
+
+    def _after_flush(self) -> None:
+        values, self._flushed = self._flushed, None
+        if values is None:
+            raise RuntimeError("internal error: a host read was requested but did not run")
+        first = self.step - len(values) + 1
+        for i, (loss, grad_norm, _) in enumerate(values):
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise NonFiniteLossError(first + i, loss, grad_norm, self.last_checkpoint)
+        start_step, start_time = self._window_start
+        now = time.perf_counter()
+        seconds = max(now - start_time, 1e-9)
+        images_per_s = (self.step - start_step) * self.config.batch_size / seconds
+        self._window_start = (self.step, now)
+        self.last_loss = sum(v[0] for v in values) / len(values)
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": self.last_loss,
+            "loss_last": values[-1][0],
+            "grad_norm": values[-1][1],
+            "lr": values[-1][2],
+            "images_per_s": images_per_s,
+            "tokens_per_s": images_per_s * self.model_config.num_tokens,
+            "samples": self.step * self.config.batch_size,
+            "epoch": max(s.epoch for s in self.loader.states.values()),
+            "skipped": self.loader.skip_totals(),
+            "time": time.time(),
+        }
+        compiles = self.backend.compiles()
+        if compiles is not None:
+            record["compiles"] = compiles
+        if self.backend.is_writer:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self._tensorboard is not None:
+                for key in ("loss", "lr", "grad_norm", "images_per_s", "tokens_per_s"):
+                    self._tensorboard.add_scalar(f"train/{key}", record[key], self.step)
+                self._tensorboard.add_scalar(
+                    "data/skipped", sum(record["skipped"].values()), self.step
+                )
+        if self._bar is not None:
+            self._bar.set_postfix(
+                loss=f"{self.last_loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.1f}"
+            )
+
+    # -------------------------------------------------------------- the loop
+
+    def fit(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self._bar = tqdm(
+            total=config.steps,
+            initial=self.step,
+            unit="step",
+            disable=not (config.progress and self.backend.is_writer),
+            dynamic_ncols=True,
+        )
+        try:
+            if self.step < config.steps:
+                self._loop()
+            if self._checkpoint_step != self.step:
+                self.save_checkpoint()
+            pipeline = self.export() if config.export else None
+        finally:
+            self.close()
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            loss=self.last_loss,
+            metrics=self.run_dir / METRICS_FILE,
+            checkpoint=self.last_checkpoint,
+            pipeline=pipeline,
+            skipped=self.loader.skip_totals(),
+        )
+
+    def close(self) -> None:
+        """Release the progress bar, TensorBoard writer and the run's log file handler."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        logging.getLogger("fluid_train").removeHandler(self._log_handler)
+        self._log_handler.close()
+
+    def _loop(self) -> None:
+        config = self.config
+        self.model.train()
+        self._window_start = (self.step, time.perf_counter())
+        for host_batch, batch in self.backend.device_batches(self.loader, self._encode):
+            step = self.step + 1
+            checkpoint_due = step % config.ckpt_every == 0 or step == config.steps
+            flush_due = checkpoint_due or step % config.log_every == 0
+            closure = self._closure(self._pending) if flush_due else None
+            out = self.backend.run_step(self.train_step, batch, closure)
+            self.step = step
+            self.loader.commit(host_batch)
+            self._bar.update(1)
+            if flush_due:
+                self._pending = []
+                self._after_flush()  # raises NonFiniteLossError before any checkpoint
+            else:
+                self._pending.append(out)
+            if checkpoint_due:
+                self.save_checkpoint()
+            if self.step >= config.steps:
+                break
+
+    # -------------------------------------------------------------- export
+
+    def export(self) -> Path | None:
+        """The EMA weights as ``RUN/pipeline`` (FluidPipeline) when tokenizer and T5 are known,
+        else as ``RUN/model`` (FluidModel); written to a temp dir and renamed."""
+        weights = self.ema.averaged_state_dict(self.model)  # every host joins the gather
+        if not self.backend.is_writer:
+            return None
+        model = FluidModel(self.model_config)
+        model.load_state_dict(weights)
+        if self.tokenizer is not None and self.config.text_encoder:
+            from .pipeline import FluidPipeline
+            from .preprocess import load_text_encoder
+
+            if self.text_encoder is None:
+                self.text_encoder = load_text_encoder(self.config.text_encoder)
+
+            target = self.run_dir / "pipeline"
+            tokenizer = self.tokenizer.to("cpu")
+            text_encoder = self.text_encoder.to("cpu")
+            part = FluidPipeline(tokenizer=tokenizer, text_encoder=text_encoder, model=model)
+        else:
+            target = self.run_dir / "model"
+            part = model
+            logger.info(
+                "no --tokenizer/--text-encoder: exporting the EMA model alone to %s", target
+            )
+        tmp = self.run_dir / f".tmp-{target.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        part.save_pretrained(tmp)
+        if target.exists():
+            old = self.run_dir / f".old-{target.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        logger.info("exported the EMA weights to %s", target)
+        return target
