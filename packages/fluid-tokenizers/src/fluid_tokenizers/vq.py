@@ -1,0 +1,217 @@
+"""Discrete image tokens: a VQ-GAN style `diffusers.VQModel` (the public aMUSEd layout).
+
+An image [B, 3, 256, 256] in [-1, 1] is encoded by five down blocks (f=16) into a latent
+[B, 64, 16, 16]; each latent vector is replaced by the index of its nearest codebook entry
+(8192 codes), giving ids [B, 256] int64 in raster order. `decode` looks the ids up in the
+codebook (`lookup_from_codebook`) and runs the decoder.
+
+Like the VAE tokenizer it is built frozen (eval mode, no gradients); `train_vq` trains it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import VQModel
+from torch import Tensor, nn
+
+from .spec import TokenizerSpec, check_images, image_size_for, model_dir, write_fluid_config
+
+# The public amused/amused-256 `vqvae/config.json`: a VQ-GAN converted from open-MUSE, f=16,
+# 64-dim latents quantized against 8192 codes (vq_embed_dim None -> latent_channels = 64).
+# 146.24M parameters (encoder 58.69M, decoder 87.02M, codebook 0.52M).
+_AMUSED_VQ: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 256, 512, 768],
+    "down_block_types": ["DownEncoderBlock2D"] * 5,
+    "force_upcast": False,
+    "in_channels": 3,
+    "latent_channels": 64,
+    "layers_per_block": 2,
+    "lookup_from_codebook": True,
+    "mid_block_add_attention": False,
+    "norm_num_groups": 32,
+    "norm_type": "group",
+    "num_vq_embeddings": 8192,
+    "out_channels": 3,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 5,
+    "vq_embed_dim": None,
+}
+
+# The shapes world: 64 px, f=8 -> 8x8 = 64 ids from a 512-code, 8-dim codebook. Low-dimensional
+# codes keep most of the codebook in use when it is trained from scratch on a small set.
+_SHAPES_VQ: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [16, 32, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": False,
+    "in_channels": 3,
+    "latent_channels": 16,
+    "layers_per_block": 1,
+    "lookup_from_codebook": True,
+    "mid_block_add_attention": False,
+    "norm_num_groups": 8,
+    "norm_type": "group",
+    "num_vq_embeddings": 512,
+    "out_channels": 3,
+    "sample_size": 64,
+    "scaling_factor": 1.0,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "vq_embed_dim": 8,
+}
+
+
+def amused_vq_config() -> dict[str, Any]:
+    """The public aMUSEd-256 VQModel layout (f=16, 64-dim latents, 8192 codes, 146.24M params)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in _AMUSED_VQ.items()}
+
+
+def shapes_vq_config() -> dict[str, Any]:
+    """The shapes-world VQModel layout: 64 px, f=8, 512 codes of 8 dims."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in _SHAPES_VQ.items()}
+
+
+class VQTokenizer(nn.Module):
+    """Images [B, 3, S, S] in [-1, 1] <-> ids [B, (S/f)**2] int64 in [0, vocab_size)."""
+
+    def __init__(self, vq: VQModel, *, image_size: int = 256) -> None:
+        super().__init__()
+        if not isinstance(vq, VQModel):
+            raise ValueError(f"vq must be a diffusers VQModel; got {type(vq).__name__}")
+        self.vq = vq
+        self.image_size = int(image_size)
+        if self.image_size <= 0 or self.image_size % self.downsample_factor:
+            raise ValueError(
+                f"image_size must be a positive multiple of the VQ factor "
+                f"{self.downsample_factor}; got {image_size}"
+            )
+        self.eval()
+        self.requires_grad_(False)
+
+    # ---- construction and persistence -------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any] | None = None, *, image_size: int = 256, seed: int | None = None
+    ) -> VQTokenizer:
+        """A randomly initialised tokenizer; `config=None` is the aMUSEd-256 layout."""
+        config = amused_vq_config() if config is None else dict(config)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            vq = VQModel.from_config(config)
+        return cls(vq, image_size=image_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        subfolder: str | None = None,
+        *,
+        image_size: int | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> VQTokenizer:
+        """Load a local diffusers VQModel directory (e.g. amused-256 with subfolder="vqvae").
+
+        image_size: the argument, then fluid_tokenizer.json written by `save_pretrained`,
+        then 256 px. (aMUSEd's config `sample_size` is not a pixel size, so it is not used.)
+        """
+        root = model_dir(path, subfolder)
+        size, _ = image_size_for(root, image_size, None, default_patch=1)
+        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        vq = VQModel.from_pretrained(root, **kwargs)
+        return cls(vq, image_size=size)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """config.json + diffusion_pytorch_model.safetensors (diffusers) + fluid_tokenizer.json."""
+        path = Path(path)
+        self.vq.save_pretrained(path, safe_serialization=True)
+        write_fluid_config(path, kind="discrete", image_size=self.image_size, patch_size=1)
+
+    # ---- geometry ---------------------------------------------------------------------------
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vq.config.block_out_channels) - 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.vq.config.num_vq_embeddings)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of one codebook vector."""
+        return int(self.vq.quantize.vq_embed_dim)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.downsample_factor
+        return (side, side)
+
+    @property
+    def spec(self) -> TokenizerSpec:
+        return TokenizerSpec(
+            kind="discrete",
+            image_size=self.image_size,
+            grid=self.grid,
+            token_dim=None,
+            vocab_size=self.vocab_size,
+        )
+
+    # ---- ids <-> codebook vectors -----------------------------------------------------------
+
+    def quantize(self, latents: Tensor) -> Tensor:
+        """Pre-quantization latents [B, D, h, w] -> nearest-code ids [B, h*w] int64 (raster)."""
+        batch = latents.shape[0]
+        # VectorQuantizer flattens (b, h, w) row-major: ids come out in raster order.
+        _, _, (_, _, ids) = self.vq.quantize(latents)  # [B*h*w] (or [B*h*w, 1])
+        return ids.reshape(batch, -1).long()  # [B, N]
+
+    def codebook_vectors(self, ids: Tensor) -> Tensor:
+        """Ids [B, N] -> codebook vectors [B, D, rows, cols]."""
+        self._check_ids(ids)
+        rows, cols = self.grid
+        shape = (ids.shape[0], rows, cols, self.embed_dim)
+        return self.vq.quantize.get_codebook_entry(ids.reshape(-1), shape)  # [B, D, rows, cols]
+
+    def _check_ids(self, ids: Tensor) -> None:
+        spec = self.spec
+        expected = f"ids must be an integer tensor [B, {spec.num_tokens}] in [0, {spec.vocab_size})"
+        if not isinstance(ids, Tensor):
+            raise ValueError(f"{expected}; got {type(ids).__name__}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{expected}; got dtype {ids.dtype}")
+        if ids.ndim != 2 or ids.shape[1] != spec.num_tokens or ids.numel() == 0:
+            raise ValueError(f"{expected}; got {list(ids.shape)}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"{expected}; got values in [{low}, {high}]")
+
+    # ---- the two verbs ----------------------------------------------------------------------
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images [B, 3, S, S] in [-1, 1] -> ids [B, N] int64, raster order."""
+        check_images(images, self.image_size)
+        latents = self.vq.encode(images.to(self.vq.device, self.vq.dtype)).latents  # [B, D, h, w]
+        return self.quantize(latents)
+
+    def decode(self, ids: Tensor) -> Tensor:
+        """Ids [B, N] -> images [B, 3, S, S] float32, clamped to [-1, 1]."""
+        self._check_ids(ids)
+        ids = ids.long().to(self.vq.device)
+        if self.vq.config.lookup_from_codebook:
+            rows, cols = self.grid
+            shape = (ids.shape[0], rows, cols, self.embed_dim)
+            images = self.vq.decode(ids.reshape(-1), force_not_quantize=True, shape=shape).sample
+        else:
+            # Without lookup_from_codebook, VQModel.decode takes vectors: look them up here.
+            quant = self.codebook_vectors(ids)  # [B, D, rows, cols]
+            images = self.vq.decode(quant, force_not_quantize=True).sample
+        return images.float().clamp(-1.0, 1.0)  # [B, 3, S, S]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encode(images)
