@@ -1,0 +1,125 @@
+"""``fluid demo`` end to end at a seconds scale: every stage runs, the report is complete, and a
+second run reuses the cached data, tokenizer, text encoder and encoded shards."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from fluid_train.cli import main
+from fluid_train.demo import (
+    DemoSettings,
+    Stages,
+    WorldSettings,
+    build_world,
+    demo_settings,
+    run_demo,
+)
+
+TASKS = {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+CACHED_STAGES = ("data", "tokenizer", "text", "encode", "prompts")
+
+TINY = DemoSettings(
+    world=WorldSettings(
+        num_images=96, num_val=16, shard_size=48, vae_images=32, vae_steps=3, vae_batch_size=8
+    ),
+    preset="debug",
+    steps=6,
+    batch_size=8,
+    warmup_steps=2,
+    num_prompts=6,
+    samples_per_prompt=2,
+    gen_steps=4,
+    gen_batch_size=12,
+)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    lines: list[str] = []
+    first = run_demo(out, settings=TINY, seed=1, log=lines.append, progress=False)
+    first_report = json.loads((out / "report.json").read_text())
+    second = run_demo(out, settings=TINY, seed=1, log=lines.append, progress=False)
+    return out, first, first_report, second, lines
+
+
+@pytest.mark.slow
+def test_report_structure_and_every_stage(demo_runs):
+    out, first, report, _, lines = demo_runs
+    assert TASKS == set(report["geneval"]) == set(report["chance"])
+    assert 0.0 <= report["geneval_overall"] <= 1.0
+    assert report["geneval_overall"] == pytest.approx(sum(report["geneval"].values()) / 6)
+    assert report["fid"] > 0.0
+    # The detector reads its own ground truth back: the ceiling of the scores.
+    assert report["ground_truth_geneval"] > 0.9
+    stages = {"data", "tokenizer", "text", "encode", "train", "generate", "evaluate"}
+    assert stages <= set(report["stage_seconds"])
+    assert report["elapsed_s"] >= sum(report["stage_seconds"][s] for s in stages)
+    assert report["settings"]["steps"] == 6 and report["settings"]["preset"] == "debug"
+    assert report["settings"]["world"]["num_images"] == 96
+    # The training ran through the real trainer: one metrics line per logged step, to the end.
+    metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 6 and report["final_loss"] == metrics[-1]["loss"]
+    assert (out / "run" / "pipeline" / "fluid_pipeline.json").is_file()
+    # 6 prompts x 2 samples in GenEval's layout, a grid and a loss curve.
+    generated = sorted((out / "generated").glob("*/samples/*.png"))
+    assert len(generated) == 12
+    with Image.open(out / "grid.png") as grid, Image.open(out / "loss.png") as loss:
+        assert grid.size[0] > 128 and loss.size[0] > 100
+    assert any(line.startswith("GenEval overall") or "GenEval overall" in line for line in lines)
+    assert all(first.cached[s] is False for s in CACHED_STAGES)
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_cache(demo_runs):
+    out, first, report, second, lines = demo_runs
+    assert all(second.cached[s] is True for s in CACHED_STAGES)
+    assert sum(1 for line in lines if "cached:" in line) == len(CACHED_STAGES)
+    # Same seed, same cached inputs, same trainer: the same model and the same scores.
+    assert second.final_loss == pytest.approx(first.final_loss, rel=1e-5)
+    assert second.geneval == report["geneval"]
+    assert len(list((out / "cache").iterdir())) == len(CACHED_STAGES)
+
+
+def test_cache_key_follows_the_settings(tmp_path):
+    world = WorldSettings(num_images=8, num_val=4, shard_size=8)
+    log: list[str] = []
+    with pytest.raises(ValueError, match="tokens"):
+        build_world(tmp_path, world, tokens=("pixels",), stages=Stages(log.append))
+    assert not list(tmp_path.iterdir())  # refused before any work
+    first = build_world(tmp_path, world, tokens=(), stages=Stages(log.append))
+    assert len(first.train_shards) == 1 and len(first.val_shards) == 1
+    assert (first.text_encoder / "spiece.model").is_file()
+    # A different number of scenes is a different data entry, and so a different text entry.
+    other = build_world(
+        tmp_path, replace(world, num_images=9), tokens=(), stages=Stages(log.append)
+    )
+    assert other.keys["data"] != first.keys["data"] and other.keys["text"] != first.keys["text"]
+    # The same settings again: every entry comes from the cache.
+    stages = Stages(log.append)
+    again = build_world(tmp_path, world, tokens=(), stages=stages)
+    assert again.keys == first.keys and stages.cached == {"data": True, "text": True}
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["data"] * 2 + ["text"] * 2
+
+
+def test_budgets():
+    assert (
+        demo_settings("small").steps < demo_settings("default").steps < demo_settings("large").steps
+    )
+    # Minutes: the nearest named budget below, with training scaled to the extra time.
+    assert demo_settings(15).steps == demo_settings("default").steps
+    assert demo_settings(20).steps > demo_settings("default").steps
+    assert demo_settings(20).world == demo_settings("default").world
+    for bad in ("huge", "-3", 0.1):
+        with pytest.raises(ValueError, match="budget"):
+            demo_settings(bad)
+
+
+def test_cli_rejects_a_bad_budget(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--budget", "forever"]) == 2
+    assert "budget" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
