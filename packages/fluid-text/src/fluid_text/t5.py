@@ -46,19 +46,11 @@ class PromptTruncatedWarning(UserWarning):
 # ------------------------------------------------------------------------------------ presets
 
 
-def t5_v1_1_xxl_config() -> T5Config:
-    """The public ``google/t5-v1_1-xxl`` configuration (encoder: 4,762,310,656 parameters)."""
+def _t5_v1_1_config(**sizes: int | float) -> T5Config:
+    """A T5 v1.1 config (gated-GELU, untied embeddings, T5's id layout) of the given sizes."""
     return T5Config(
-        vocab_size=32128,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_decoder_layers=24,
-        num_heads=64,
         relative_attention_num_buckets=32,
         relative_attention_max_distance=128,
-        dropout_rate=0.1,
         layer_norm_epsilon=1e-6,
         initializer_factor=1.0,
         feed_forward_proj="gated-gelu",
@@ -67,6 +59,21 @@ def t5_v1_1_xxl_config() -> T5Config:
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
+        **sizes,
+    )
+
+
+def t5_v1_1_xxl_config() -> T5Config:
+    """The public ``google/t5-v1_1-xxl`` configuration (encoder: 4,762,310,656 parameters)."""
+    return _t5_v1_1_config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_decoder_layers=24,
+        num_heads=64,
+        dropout_rate=0.1,
     )
 
 
@@ -78,7 +85,7 @@ def shapes_t5_config(vocab_size: int = 512) -> T5Config:
     """
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive int; got {vocab_size!r}")
-    return T5Config(
+    return _t5_v1_1_config(
         vocab_size=vocab_size,
         d_model=64,
         d_kv=16,
@@ -86,17 +93,7 @@ def shapes_t5_config(vocab_size: int = 512) -> T5Config:
         num_layers=2,
         num_decoder_layers=2,
         num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
         dropout_rate=0.0,
-        layer_norm_epsilon=1e-6,
-        initializer_factor=1.0,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=True,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
     )
 
 
