@@ -4,8 +4,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from fluid_backbone import TransformerConfig
 from torch import Tensor
+
+from fluid_backbone import TransformerConfig
 
 TextFactory = Callable[..., tuple[Tensor, Tensor]]
 

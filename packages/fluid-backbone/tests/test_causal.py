@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fluid_backbone import CausalTransformer, KVCache, TransformerConfig
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from fluid_backbone import CausalTransformer, KVCache, TransformerConfig
 
 
 def decode(model, x, text, text_mask, *, batch=None):

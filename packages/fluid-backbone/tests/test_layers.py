@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from fluid_backbone import (
     CausalTransformer,
     MaskedTransformer,
@@ -14,7 +16,6 @@ from fluid_backbone import (
     block_num_params,
 )
 from fluid_backbone.layers import Block
-from torch import nn
 
 TRUNKS = [MaskedTransformer, CausalTransformer]
 
@@ -230,3 +231,55 @@ def test_grad_checkpointing_recomputes_blocks_with_same_result(trunk, config, ma
     assert len(calls) == 3  # forward + recomputation in backward
     for a, b in zip(ref, got, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def test_sincos_table_encodes_column_then_row():
+    from fluid_backbone import sincos_2d
+
+    table = sincos_2d(3, 5, 16)  # [15, 16], row-major positions
+    assert table.shape == (15, 16)
+    grid = table.reshape(3, 5, 16)
+    # the first half depends on the column only, the second on the row only
+    assert torch.allclose(grid[0, :, :8], grid[2, :, :8])
+    assert torch.allclose(grid[:, 0, 8:], grid[:, 4, 8:])
+    assert not torch.allclose(grid[0, 0, :8], grid[0, 1, :8])
+    # nearer positions are more alike: the table carries a notion of neighbourhood
+    centre = grid[1, 2]
+    assert centre @ grid[1, 3] > centre @ grid[1, 4] > centre @ grid[1, 0] - 1e-6
+    assert centre @ grid[0, 2] > centre @ grid[0, 4]
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(2, 2, 6)
+
+
+@pytest.mark.parametrize("trunk_cls", TRUNKS)
+def test_sincos_pos_init_starts_from_the_table(trunk_cls):
+    from fluid_backbone import sincos_2d
+
+    config = TransformerConfig(
+        width=16, depth=1, num_heads=2, num_tokens=12, pos_init="sincos", grid=(3, 4)
+    )
+    model = trunk_cls(config)
+    assert torch.allclose(model.pos_embed[0], sincos_2d(3, 4, 16))
+    assert model.pos_embed.requires_grad  # a starting point, still learned
+    square = trunk_cls(
+        TransformerConfig(width=16, depth=1, num_heads=2, num_tokens=9, pos_init="sincos")
+    )
+    assert torch.allclose(square.pos_embed[0], sincos_2d(3, 3, 16))
+    default = trunk_cls(TransformerConfig(width=16, depth=1, num_heads=2, num_tokens=9))
+    assert default.pos_embed.std() < 0.05  # MAR's truncated normal, std 0.02
+
+
+def test_pos_init_and_grid_are_validated():
+    base = {"width": 16, "depth": 1, "num_heads": 2, "num_tokens": 12}
+    with pytest.raises(ValueError, match="pos_init"):
+        TransformerConfig(**base, pos_init="rope")
+    with pytest.raises(ValueError, match="grid"):
+        TransformerConfig(**base, grid=(3, 3))
+    with pytest.raises(ValueError, match="not a square"):
+        TransformerConfig(**base, pos_init="sincos")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        TransformerConfig(width=18, depth=1, num_heads=2, num_tokens=9, pos_init="sincos")
+    assert TransformerConfig(**base, grid=[3, 4]).grid == (3, 4)  # JSON lists become tuples

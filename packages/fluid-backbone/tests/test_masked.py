@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fluid_backbone import MaskedTransformer
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from fluid_backbone import MaskedTransformer
 
 
 @pytest.fixture

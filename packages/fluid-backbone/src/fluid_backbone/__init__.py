@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from .causal import CausalTransformer, KVCache
-from .layers import Block, TextKV, TransformerConfig, block_num_params
+from .layers import Block, TextKV, TransformerConfig, block_num_params, sincos_2d
 from .masked import MaskedTransformer
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "TransformerConfig",
     "__version__",
     "block_num_params",
+    "sincos_2d",
 ]

@@ -24,11 +24,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 SelfAttentionKind = Literal["bidirectional", "causal"]
+PosInit = Literal["normal", "sincos"]
 
 
 @dataclass(kw_only=True, slots=True)
 class TransformerConfig:
-    """Size of a trunk. ``num_tokens`` is the image token count N (learned positions)."""
+    """Size of a trunk. ``num_tokens`` is the image token count N (learned positions).
+
+    ``pos_init`` sets where the learned positions start: ``"normal"`` (MAR's truncated normal,
+    std 0.02) or ``"sincos"`` (MAE's fixed 2-D sine-cosine table over ``grid`` rows x columns,
+    at unit scale; ``grid=None`` means a square grid). At std 0.02 the positions are ~30x
+    smaller than the token embeddings, and a short run never learns where a token is; the
+    sin-cos start gives attention a notion of neighbourhood from the first step.
+    """
 
     width: int
     depth: int
@@ -38,6 +46,8 @@ class TransformerConfig:
     qk_norm: bool = False  # LayerNorm over each head's queries and keys (self and cross)
     dropout: float = 0.0  # attention probabilities, output projections and MLP
     norm_eps: float = 1e-6
+    pos_init: PosInit = "normal"
+    grid: tuple[int, int] | None = None  # rows x columns of the N tokens (for "sincos")
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "num_heads", "num_tokens"):
@@ -57,6 +67,28 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.dropout must be in [0, 1); got {self.dropout!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"TransformerConfig.norm_eps must be > 0; got {self.norm_eps!r}")
+        if self.pos_init not in ("normal", "sincos"):
+            raise ValueError(
+                f"TransformerConfig.pos_init must be 'normal' or 'sincos'; got {self.pos_init!r}"
+            )
+        if self.grid is not None:
+            self.grid = tuple(self.grid)  # a JSON list becomes the tuple
+            if len(self.grid) != 2 or self.grid[0] * self.grid[1] != self.num_tokens:
+                raise ValueError(
+                    f"TransformerConfig.grid must be (rows, columns) with rows * columns = "
+                    f"num_tokens ({self.num_tokens}); got {self.grid!r}"
+                )
+        if self.pos_init == "sincos":
+            if self.width % 4:
+                raise ValueError(
+                    f"TransformerConfig.pos_init='sincos' needs a width divisible by 4; "
+                    f"got {self.width}"
+                )
+            if self.grid is None and round(self.num_tokens**0.5) ** 2 != self.num_tokens:
+                raise ValueError(
+                    f"TransformerConfig.pos_init='sincos' needs grid=(rows, columns) when "
+                    f"num_tokens ({self.num_tokens}) is not a square"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -65,6 +97,38 @@ class TransformerConfig:
     @property
     def mlp_width(self) -> int:
         return int(self.width * self.mlp_ratio)
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """Rows x columns of the image tokens (``grid``, or the square of N)."""
+        if self.grid is not None:
+            return self.grid
+        side = round(self.num_tokens**0.5)
+        return (
+            (side, self.num_tokens // side)
+            if side * side == self.num_tokens
+            else (1, self.num_tokens)
+        )
+
+
+def sincos_2d(rows: int, columns: int, dim: int) -> Tensor:
+    """MAE's 2-D sine-cosine position table [rows * columns, dim] (row-major positions): half
+    the channels encode the column, half the row, each as sin and cos at dim/4 frequencies
+    from 1 down to 1/10000."""
+    if dim % 4:
+        raise ValueError(f"dim must be divisible by 4; got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [dim/4]
+    y, x = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64),
+        torch.arange(columns, dtype=torch.float64),
+        indexing="ij",
+    )
+    parts = []
+    for coord in (x, y):
+        angles = coord.reshape(-1, 1) * omega[None]  # [R*C, dim/4]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    return torch.cat(parts, dim=1).float()  # [R*C, dim]
 
 
 def block_num_params(config: TransformerConfig) -> int:
@@ -313,7 +377,12 @@ class Trunk(nn.Module):
         return config.depth * block_num_params(config) + config.num_tokens * d + 2 * d + d
 
     def _init_parameters(self, token: nn.Parameter) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)  # as MAR (default bounds +-2)
+        if self.config.pos_init == "sincos":
+            rows, columns = self.config.token_grid
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_2d(rows, columns, self.config.width)[None])
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)  # as MAR (default bounds +-2)
         nn.init.normal_(token, std=0.02)  # mask or start token, as MAR's mask token
         self.apply(init_weights)
 
