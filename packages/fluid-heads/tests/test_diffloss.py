@@ -327,3 +327,47 @@ def test_bounded_sampling_stays_in_range_and_unbounded_does_not(trained_head):
     finally:
         head.x0_bound = None
     assert free.abs().max().item() > 10 * trained_head.data_abs_max
+
+
+# --------------------------------------------------------------------------- auxiliary regression
+
+
+def test_regression_readout_exists_only_when_weighted_and_is_counted():
+    assert DiffLossHead(16, 32).readout is None
+    head = DiffLossHead(16, 32, regression_weight=0.5)
+    assert head.readout.weight.shape == (16, 32)
+    assert DiffLossHead.num_params(16, 32, regression_weight=0.5) == sum(
+        p.numel() for p in head.parameters()
+    )
+    assert (
+        DiffLossHeadConfig(token_dim=16, cond_dim=32, regression_weight=0.5).build().readout
+        is not None
+    )
+    with pytest.raises(ValueError, match="regression_weight"):
+        DiffLossHead(16, 32, regression_weight=-1.0)
+
+
+def test_loss_adds_the_weighted_masked_readout_error(randomize):
+    plain = DiffLossHead(4, 8, width=16)
+    randomize(plain.net)
+    aux = DiffLossHead(4, 8, width=16, regression_weight=2.5)
+    aux.load_state_dict(plain.state_dict(), strict=False)  # same MLP; aux has a readout more
+    target, z = torch.randn(10, 4), torch.randn(10, 8)
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool)
+    torch.manual_seed(0)
+    diffusion = plain.loss(target, z, mask)
+    torch.manual_seed(0)
+    total = aux.loss(target, z, mask)
+    error = (aux.readout(z) - target).pow(2).mean(dim=1)[mask].mean()
+    torch.testing.assert_close(total, diffusion + 2.5 * error)
+
+
+def test_readout_gives_the_condition_a_gradient_where_the_diffusion_loss_gives_none():
+    """At MAR's initialisation (zero adaLN) the diffusion loss does not depend on z at all:
+    the trunk starts learning only once the head has. The readout reaches z from step one."""
+    target = torch.randn(12, 4)
+    for weight, expect_gradient in ((0.0, False), (1.0, True)):
+        head = DiffLossHead(4, 8, width=16, regression_weight=weight)
+        z = torch.randn(12, 8, requires_grad=True)
+        (grad,) = torch.autograd.grad(head.loss(target, z), z)
+        assert bool(grad.abs().sum() > 0) is expect_gradient

@@ -12,6 +12,7 @@ Sizes (W = width, C = token_dim, D = cond_dim; ``DiffLossHead.num_params``):
     cond projection   D·W + W
     each block        3W² + 3W (adaLN) + 2(W² + W) (MLP) + 2W (LayerNorm)
     final layer       2W² + 2W (adaLN) + 2C·W + 2C
+    z readout         D·C + C  (only with ``regression_weight > 0``)
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class DiffLossHeadConfig:
     sample_steps: int = 100
     batch_mul: int = 4
     x0_bound: float | None = None  # None: the tracked max |target|; inf: no clamp
+    regression_weight: float = 0.0  # auxiliary z -> token MSE; 0 = the paper's loss
 
     def build(self) -> DiffLossHead:
         return DiffLossHead(
@@ -151,7 +153,15 @@ class DiffLossHeadConfig:
             sample_steps=self.sample_steps,
             batch_mul=self.batch_mul,
             x0_bound=self.x0_bound,
+            regression_weight=self.regression_weight,
         )
+
+
+def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    """Mean of ``values [M]``, weighted by ``weights [M]`` when given (fixed shapes, no sync)."""
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum().clamp_min(1e-6)
 
 
 class DiffLossHead(nn.Module):
@@ -167,6 +177,17 @@ class DiffLossHead(nn.Module):
         x0_bound: clamp of the predicted x_0 when sampling. None uses the running max |target|
             seen by ``loss`` in training mode (buffer ``target_abs_max``); ``float('inf')``
             disables the clamp.
+        regression_weight: weight of an auxiliary loss added by ``loss``: a linear readout of z
+            regressed onto the token (mean squared error over the same rows). 0 (the default)
+            is the paper's objective and builds no readout.
+
+    Why the auxiliary loss: z reaches the diffusion MLP only through zero-initialised adaLN
+    layers, and the diffusion loss depends on z only in a band of noise levels, so the
+    trunk learns slowly what its context says about a token. Measured on the shapes world
+    (shapes-m, 1000 steps): a linear probe of the trunk's states predicts masked tokens no
+    better with half the image visible than with none (MSE 0.237 vs 0.251), while with
+    ``regression_weight=1`` the trunk uses its context and the diffusion loss itself ends
+    lower (validation 0.0624 vs 0.0704).
 
     Stability: on the respaced schedule the first step (t 999 -> 989, ᾱ ≈ 2.4e-9) turns an
     error δ in ε̂ into about 316·δ in x. Early in training that sends 100-step samples into
@@ -185,6 +206,7 @@ class DiffLossHead(nn.Module):
         batch_mul: int = 4,
         *,
         x0_bound: float | None = None,
+        regression_weight: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in [
@@ -200,6 +222,10 @@ class DiffLossHead(nn.Module):
             raise ValueError(f"width must be a positive int or None; got {width!r}")
         if x0_bound is not None and not x0_bound > 0:
             raise ValueError(f"x0_bound must be > 0, float('inf') or None; got {x0_bound!r}")
+        if not (math.isfinite(regression_weight) and regression_weight >= 0):
+            raise ValueError(
+                f"regression_weight must be a finite number >= 0; got {regression_weight!r}"
+            )
         if sample_steps > train_steps:
             raise ValueError(
                 f"sample_steps ({sample_steps}) must be <= train_steps ({train_steps})"
@@ -207,7 +233,7 @@ class DiffLossHead(nn.Module):
         self.config = DiffLossHeadConfig(
             token_dim=token_dim, cond_dim=cond_dim, width=width, depth=depth,
             train_steps=train_steps, sample_steps=sample_steps, batch_mul=batch_mul,
-            x0_bound=x0_bound,
+            x0_bound=x0_bound, regression_weight=float(regression_weight),
         )  # fmt: skip
         self.token_dim = token_dim
         self.cond_dim = cond_dim
@@ -215,10 +241,13 @@ class DiffLossHead(nn.Module):
         self.depth = depth
         self.batch_mul = batch_mul
         self.x0_bound = x0_bound
+        self.regression_weight = float(regression_weight)
 
         # The continuous token input embedding (MAR's z_proj): [B, N, C] -> [B, N, D].
         self.token_embed = nn.Linear(token_dim, cond_dim)
         self.net = DiffLossMLP(token_dim, cond_dim, self.width, depth)
+        # Auxiliary readout z -> token (regression_weight > 0 only: no parameters otherwise).
+        self.readout = nn.Linear(cond_dim, token_dim) if self.regression_weight > 0 else None
         self.train_diffusion: GaussianDiffusion = create_diffusion(train_steps)
         self.sample_diffusion: GaussianDiffusion = create_diffusion(train_steps, str(sample_steps))
         # Running max |target| over the rows that counted in training (0 = nothing seen yet).
@@ -229,15 +258,25 @@ class DiffLossHead(nn.Module):
         """MAR's initialisation, and a fresh (empty) target range: call after ``to_empty``."""
         nn.init.xavier_uniform_(self.token_embed.weight)
         nn.init.zeros_(self.token_embed.bias)
+        if self.readout is not None:
+            nn.init.xavier_uniform_(self.readout.weight)
+            nn.init.zeros_(self.readout.bias)
         self.net.reset_parameters()
         with torch.no_grad():
             self.target_abs_max.zero_()
 
     @staticmethod
-    def num_params(token_dim: int, cond_dim: int, width: int | None = None, depth: int = 3) -> int:
-        """Exact parameter count of ``DiffLossHead(token_dim, cond_dim, width, depth)``."""
+    def num_params(
+        token_dim: int,
+        cond_dim: int,
+        width: int | None = None,
+        depth: int = 3,
+        *,
+        regression_weight: float = 0.0,
+    ) -> int:
+        """Exact parameter count of ``DiffLossHead(token_dim, cond_dim, width, depth, ...)``."""
         c, d, w = token_dim, cond_dim, width or cond_dim
-        embed = c * d + d
+        embed = c * d + d + (d * c + c if regression_weight > 0 else 0)
         mlp = (
             (c * w + w)  # input projection
             + (FREQUENCY_DIM * w + w + w * w + w)  # time embedding
@@ -267,7 +306,8 @@ class DiffLossHead(nn.Module):
         return self.token_embed(tokens.to(self.token_embed.weight.dtype))
 
     def loss(self, target: Tensor, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Mask-weighted mean hybrid diffusion loss.
+        """Mask-weighted mean hybrid diffusion loss (+ ``regression_weight`` × the readout's
+        mask-weighted mean squared error, when set).
 
         Args:
             target: tokens ``[M, C]`` (any leading shape ``[..., C]`` is flattened).
@@ -277,6 +317,10 @@ class DiffLossHead(nn.Module):
         target, z, weights = self._check_loss_inputs(target, z, mask)
         if self.training:
             self._track_target_range(target, weights)
+        regression = None
+        if self.readout is not None:
+            error = (self.readout(z).float() - target.float()).pow(2).mean(dim=1)  # [M]
+            regression = self.regression_weight * _weighted_mean(error, weights)
         k = self.batch_mul
         # Tile, as MAR: k copies of every (target, z) row, each with its own t and noise.
         target = target.repeat(k, 1)  # [k·M, C]
@@ -287,10 +331,8 @@ class DiffLossHead(nn.Module):
         per_row = self.train_diffusion.training_losses(
             lambda x_t, t_model: self.net(x_t, t_model, z), target, t
         ).loss  # [k·M]
-        if weights is None:
-            return per_row.mean()
-        weights = weights.repeat(k)  # [k·M]
-        return (per_row * weights).sum() / weights.sum().clamp_min(1e-6)
+        loss = _weighted_mean(per_row, None if weights is None else weights.repeat(k))
+        return loss if regression is None else loss + regression
 
     @torch.no_grad()
     def sample(
