@@ -61,6 +61,10 @@ def test_report_structure_and_every_stage(demo_runs):
     assert report["elapsed_s"] >= sum(report["stage_seconds"][s] for s in stages)
     assert report["settings"]["steps"] == 6 and report["settings"]["preset"] == "debug"
     assert report["settings"]["world"]["num_images"] == 96
+    # The demo's model trains with the auxiliary readout loss and exports it.
+    assert report["settings"]["model"]["diffloss.regression_weight"] == 1.0
+    pipeline = json.loads((out / "run" / "pipeline" / "model" / "config.json").read_text())
+    assert pipeline["diffloss"]["regression_weight"] == 1.0
     # The training ran through the real trainer: one metrics line per logged step, to the end.
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 6 and report["final_loss"] == metrics[-1]["loss"]

@@ -245,3 +245,24 @@ def test_save_writes_the_given_ema_weights(tmp_path, tiny_config):
         model.save_pretrained(tmp_path, weights={k: v for k, v in list(ema.items())[1:]})
     with pytest.raises(FileNotFoundError, match="config.json"):
         FluidModel.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("order", ["random", "raster"])
+def test_regression_weight_builds_trains_and_round_trips_the_readout(
+    tmp_path, order, tiny_config, tiny_train_batch
+):
+    config = tiny_config("continuous", order, **{"diffloss.regression_weight": 1.0})
+    torch.manual_seed(0)
+    model = FluidModel(config)
+    assert model.head.readout is not None
+    assert FluidModel.count_params(config).total == sum(p.numel() for p in model.parameters())
+    batch = tiny_train_batch(config)
+    loss = model.training_loss(batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.head.readout.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "model")
+    loaded = FluidModel.from_pretrained(tmp_path, subfolder="model")
+    assert loaded.config.diffloss.regression_weight == 1.0
+    assert torch.equal(loaded.head.readout.weight, model.head.readout.weight)
+    # the paper's objective (the default) builds no readout
+    assert FluidModel(tiny_config("continuous", order)).head.readout is None

@@ -52,6 +52,9 @@ class DiffLossConfig:
     sample_steps: int = 100
     diffusion_batch_mul: int = 4  # each token's (target, z) repeated with independent t
     x0_bound: float | None = None  # sampling clamp of x0; None = the head's tracked max |target|
+    # Auxiliary loss: a linear readout of the trunk's state regressed onto the token (MSE),
+    # added with this weight (DiffLossHead's regression_weight). 0 = the paper's objective.
+    regression_weight: float = 0.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -270,6 +273,7 @@ class FluidModel(nn.Module):
                 sample_steps=d.sample_steps,
                 batch_mul=d.diffusion_batch_mul,
                 x0_bound=d.x0_bound,
+                regression_weight=d.regression_weight,
             )
         else:
             self.head = SoftmaxHead(config.vocab_size, config.width)

@@ -91,7 +91,15 @@ def _shapes_world(
 
     text_dim = shapes_t5_config().d_model
     return FluidConfig(
-        backbone=TransformerConfig(width=width, depth=depth, num_heads=num_heads, num_tokens=64),
+        # Sin-cos positions: a run of minutes cannot learn 2-D neighbourhoods from std-0.02 ones.
+        backbone=TransformerConfig(
+            width=width,
+            depth=depth,
+            num_heads=num_heads,
+            num_tokens=64,
+            pos_init="sincos",
+            grid=(8, 8),
+        ),
         aligner=AlignerConfig(
             text_dim=text_dim, width=width, depth=aligner_depth, num_heads=num_heads
         ),
