@@ -249,6 +249,8 @@ def test_sincos_table_encodes_column_then_row():
     # nearer positions are more alike: the table carries a notion of neighbourhood
     centre = grid[1, 2]
     assert centre @ grid[1, 3] > centre @ grid[1, 4] > centre @ grid[1, 0] - 1e-6
+    # ... and only the offset counts: two columns left or right are equally alike
+    torch.testing.assert_close(centre @ grid[1, 4], centre @ grid[1, 0])
     assert centre @ grid[0, 2] > centre @ grid[0, 4]
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d(2, 2, 6)
@@ -270,6 +272,7 @@ def test_sincos_pos_init_starts_from_the_table(trunk_cls):
     assert torch.allclose(square.pos_embed[0], sincos_2d(3, 3, 16))
     default = trunk_cls(TransformerConfig(width=16, depth=1, num_heads=2, num_tokens=9))
     assert default.pos_embed.std() < 0.05  # MAR's truncated normal, std 0.02
+    assert default.pos_embed.std() > 0.01  # initialised, not left at zero
 
 
 def test_pos_init_and_grid_are_validated():

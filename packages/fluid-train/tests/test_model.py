@@ -266,3 +266,11 @@ def test_regression_weight_builds_trains_and_round_trips_the_readout(
     assert torch.equal(loaded.head.readout.weight, model.head.readout.weight)
     # the paper's objective (the default) builds no readout
     assert FluidModel(tiny_config("continuous", order)).head.readout is None
+
+
+def test_backbone_position_layout_must_match_the_token_grid(tiny_config):
+    config = tiny_config()
+    rows, cols = config.grid
+    with pytest.raises(ValueError, match="positions out as"):
+        config.replace(**{"backbone.grid": (cols * rows, 1)})
+    assert config.replace(**{"backbone.grid": (rows, cols)}).backbone.token_grid == (rows, cols)

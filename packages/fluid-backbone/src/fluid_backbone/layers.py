@@ -84,7 +84,7 @@ class TransformerConfig:
                     f"TransformerConfig.pos_init='sincos' needs a width divisible by 4; "
                     f"got {self.width}"
                 )
-            if self.grid is None and round(self.num_tokens**0.5) ** 2 != self.num_tokens:
+            if self.grid is None and _square_side(self.num_tokens) is None:
                 raise ValueError(
                     f"TransformerConfig.pos_init='sincos' needs grid=(rows, columns) when "
                     f"num_tokens ({self.num_tokens}) is not a square"
@@ -99,16 +99,17 @@ class TransformerConfig:
         return int(self.width * self.mlp_ratio)
 
     @property
-    def token_grid(self) -> tuple[int, int]:
-        """Rows x columns of the image tokens (``grid``, or the square of N)."""
+    def token_grid(self) -> tuple[int, int] | None:
+        """Rows x columns of the image tokens: ``grid``, else the square of N, else None."""
         if self.grid is not None:
             return self.grid
-        side = round(self.num_tokens**0.5)
-        return (
-            (side, self.num_tokens // side)
-            if side * side == self.num_tokens
-            else (1, self.num_tokens)
-        )
+        side = _square_side(self.num_tokens)
+        return None if side is None else (side, side)
+
+
+def _square_side(n: int) -> int | None:
+    side = round(n**0.5)
+    return side if side * side == n else None
 
 
 def sincos_2d(rows: int, columns: int, dim: int) -> Tensor:
@@ -378,7 +379,7 @@ class Trunk(nn.Module):
 
     def _init_parameters(self, token: nn.Parameter) -> None:
         if self.config.pos_init == "sincos":
-            rows, columns = self.config.token_grid
+            rows, columns = self.config.token_grid  # validated: sincos has a grid
             with torch.no_grad():
                 self.pos_embed.copy_(sincos_2d(rows, columns, self.config.width)[None])
         else:

@@ -484,7 +484,7 @@ def evaluate_pipeline(
 ) -> dict[str, Any]:
     """Generate for the fixed prompt set and score: GenEval, FID, per-family chance levels."""
     from fluid_eval import ShapesDetector, compute_fid, render_metadata, score_folder, write_prompts
-    from fluid_eval.geneval import write_generations
+    from fluid_eval.geneval import load_metadata, write_generations
 
     from .pipeline import FluidPipeline
 
@@ -498,7 +498,7 @@ def evaluate_pipeline(
             render_metadata(path / "prompts.jsonl", path / "truth", n_samples=k, size=settings.world.image_size, seed=seed)  # fmt: skip
     prompts = _final_path(path)
     metadata_file, truth = prompts / "prompts.jsonl", prompts / "truth"
-    metadata = [json.loads(line) for line in metadata_file.read_text().splitlines()]
+    metadata = load_metadata(metadata_file)
 
     pipeline = FluidPipeline.from_pretrained(pipeline_dir)
     raster = pipeline.model.config.order == "raster"
@@ -524,6 +524,7 @@ def evaluate_pipeline(
         "chance": chance,
         "ground_truth_geneval": truth_score,
         "metadata_file": str(metadata_file),
+        "metadata": metadata,
         "generated": str(generated),
     }
 
@@ -636,9 +637,8 @@ def run_demo(
         pipeline = train_model(world, settings, out / "run", seed=seed, progress=progress)
     result = evaluate_pipeline(pipeline, settings, out, cache=cache, seed=seed, stages=stages)
     metrics = read_metrics(out / "run")
-    metadata = [json.loads(line) for line in Path(result["metadata_file"]).read_text().splitlines()]
     files = {
-        "grid": str(_grid(Path(result["generated"]), metadata, out / "grid.png")),
+        "grid": str(_grid(Path(result["generated"]), result["metadata"], out / "grid.png")),
         "loss_curve": str(plot_loss(metrics, out / "loss.png", f"Fluid {settings.preset}")),
         "pipeline": str(pipeline),
         "generated": result["generated"],

@@ -123,6 +123,12 @@ class FluidConfig:
                 f"grid {self.grid} has {self.grid[0] * self.grid[1]} tokens but "
                 f"backbone.num_tokens is {self.backbone.num_tokens}"
             )
+        # The trunk's position layout (sin-cos start) must be the tokens' grid.
+        if self.backbone.token_grid not in (None, self.grid):
+            raise ValueError(
+                f"backbone lays its positions out as {self.backbone.token_grid} but the token "
+                f"grid is {self.grid}; set backbone.grid={self.grid}"
+            )
         if self.aligner.width != self.backbone.width:
             raise ValueError(
                 f"aligner.width ({self.aligner.width}) must equal backbone.width ({self.backbone.width})"

@@ -97,8 +97,7 @@ def _shapes_world(
             depth=depth,
             num_heads=num_heads,
             num_tokens=64,
-            pos_init="sincos",
-            grid=(8, 8),
+            pos_init="sincos",  # on the square 8x8 grid
         ),
         aligner=AlignerConfig(
             text_dim=text_dim, width=width, depth=aligner_depth, num_heads=num_heads
