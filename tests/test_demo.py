@@ -4,11 +4,13 @@ second run reuses the cached data, tokenizer, text encoder and encoded shards.""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
 from PIL import Image
 
+import fluid_train.demo as demo
 from fluid_train.cli import main
 from fluid_train.demo import (
     DemoSettings,
@@ -17,6 +19,7 @@ from fluid_train.demo import (
     build_world,
     demo_settings,
     run_demo,
+    token_layout,
 )
 
 TASKS = {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
@@ -61,6 +64,12 @@ def test_report_structure_and_every_stage(demo_runs):
     assert report["elapsed_s"] >= sum(report["stage_seconds"][s] for s in stages)
     assert report["settings"]["steps"] == 6 and report["settings"]["preset"] == "debug"
     assert report["settings"]["world"]["num_images"] == 96
+    # The model is laid out on the world's token grid: one token per 8x8 pixels.
+    size = TINY.world.image_size
+    model_config = json.loads((out / "run" / "pipeline" / "model" / "config.json").read_text())
+    assert model_config["grid"] == [size // 8, size // 8] and model_config["image_size"] == size
+    with Image.open(next((out / "generated").glob("*/samples/*.png"))) as image:
+        assert image.size == (size, size)
     # The demo's model trains with the auxiliary readout loss and exports it.
     assert report["settings"]["model"]["diffloss.regression_weight"] == 1.0
     pipeline = json.loads((out / "run" / "pipeline" / "model" / "config.json").read_text())
@@ -108,6 +117,55 @@ def test_cache_key_follows_the_settings(tmp_path):
     again = build_world(tmp_path, world, tokens=(), stages=stages)
     assert again.keys == first.keys and stages.cached == {"data": True, "text": True}
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["data"] * 2 + ["text"] * 2
+
+
+def test_token_layout():
+    assert token_layout(64) == {"image_size": 64, "grid": (8, 8), "backbone.num_tokens": 64}
+    assert token_layout(32)["grid"] == (4, 4)
+    for bad in (0, 20, 33.0):
+        with pytest.raises(ValueError, match="image_size"):
+            token_layout(bad)
+    # The settings' model follows the world; explicit model overrides still win.
+    settings = DemoSettings(world=WorldSettings(image_size=48))
+    config = settings.model_config(tokens="discrete")
+    assert config.grid == (6, 6) and config.num_tokens == 36 and config.tokens == "discrete"
+    assert config.backbone.pos_init == "sincos" and config.image_size == 48
+
+
+def test_tokenizer_key_follows_the_kl_weight(tmp_path):
+    world = WorldSettings(
+        num_images=8, num_val=4, shard_size=8, image_size=32, vae_images=8, vae_steps=2,
+        vae_batch_size=4,
+    )  # fmt: skip
+    log: list[str] = []
+    first = build_world(tmp_path, world, tokens=("continuous",), stages=Stages(log.append))
+    stages = Stages(log.append)
+    other = build_world(
+        tmp_path, replace(world, vae_kl_weight=1e-2), tokens=("continuous",), stages=stages
+    )
+    assert other.keys["data"] == first.keys["data"] and stages.cached["data"] is True
+    assert other.tokenizers["continuous"] != first.tokenizers["continuous"]
+    assert stages.cached["tokenizer"] is False
+
+
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(demo, "_busy_cores", lambda: 1.2)
+    assert demo.auto_threads() == 3
+    monkeypatch.setattr(demo, "_busy_cores", lambda: 7.0)  # oversubscribed: still one thread
+    assert demo.auto_threads() == 1
+    # Without /proc/stat the one-minute load average decides.
+    monkeypatch.setattr(demo, "_busy_cores", lambda: None)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (2.4, 0.0, 0.0), raising=False)
+    assert demo.auto_threads() == 2
+
+
+def test_busy_cores_reads_the_machine():
+    busy = demo._busy_cores(window_s=0.05)
+    if busy is None:  # no /proc/stat here: the fallback above is what runs
+        assert not os.path.exists("/proc/stat")
+    else:
+        assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
 
 
 def test_budgets():

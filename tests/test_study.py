@@ -108,3 +108,18 @@ def test_budget_picks_steps_from_the_slowest_run(study):
     short = steps_for_budget(0.02, TINY, world=world, probe_steps=2)
     long = steps_for_budget(2.0, TINY, world=world, probe_steps=2)
     assert 1 <= short < long
+
+
+def test_defaults_are_the_readme_tables_settings():
+    """The study's world and recipe are pinned: the demo's settings can move without changing
+    what `fluid study` measures (64 px, 8x8 tokens, 300-step VAE, batch 32, paper objective)."""
+    settings = StudySettings()
+    assert settings.world.image_size == 64 and settings.world.vae_steps == 300
+    assert settings.world.num_images == 8000 and settings.train.batch_size == 32
+    for size in settings.sizes:
+        config = settings.run_settings(size).model_config(tokens="continuous", order="random")
+        assert config.grid == (8, 8) and config.image_size == 64
+        assert config.backbone.pos_init == "normal"
+        assert config.diffloss.regression_weight == 0.0
+    m = settings.run_settings(SizeSpec("m", "shapes-m")).model_config()
+    assert (m.backbone.width, m.backbone.depth) == (128, 4)

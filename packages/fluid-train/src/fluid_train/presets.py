@@ -123,17 +123,17 @@ def debug() -> FluidConfig:
 
 # The shapes-world sizes span 5.7x in parameters (width 96 -> 176, depth 3 -> 6), so the
 # miniature scaling study (`fluid study`) trains all three for the same steps in minutes each;
-# shapes-m is the demo's model (`fluid demo`).
+# `fluid demo` trains shapes-s, laid out for its 32 px world (4x4 tokens, `demo.token_layout`).
 
 
 def shapes_s() -> FluidConfig:
-    """Shapes world, small (0.78M parameters; discrete 0.62M)."""
+    """Shapes world, small: the demo's model (0.78M parameters; discrete 0.62M)."""
     return _shapes_world(width=96, depth=3, num_heads=4, aligner_depth=1)
 
 
 def shapes_m() -> FluidConfig:
-    """Shapes world, medium: the demo's model, trains in minutes on 2 CPU cores (1.83M
-    parameters; discrete 1.54M)."""
+    """Shapes world, medium: trains in minutes on 2 CPU cores (1.83M parameters; discrete
+    1.54M)."""
     return _shapes_world(width=128, depth=4, num_heads=4, aligner_depth=2)
 
 
