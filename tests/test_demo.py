@@ -68,6 +68,7 @@ def test_report_structure_and_every_stage(demo_runs):
     size = TINY.world.image_size
     model_config = json.loads((out / "run" / "pipeline" / "model" / "config.json").read_text())
     assert model_config["grid"] == [size // 8, size // 8] and model_config["image_size"] == size
+    assert report["settings"]["model"]["grid"] == [size // 8, size // 8]
     with Image.open(next((out / "generated").glob("*/samples/*.png"))) as image:
         assert image.size == (size, size)
     # The demo's model trains with the auxiliary readout loss and exports it.

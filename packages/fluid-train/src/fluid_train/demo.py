@@ -155,7 +155,8 @@ class DemoSettings:
         return 0.5 ** (10.0 / max(self.steps, 10))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "ema_decay": self.ema}
+        """The settings as the report records them: ``model`` with the world's token layout."""
+        return {**dataclasses.asdict(self), "model": self.model_overrides(), "ema_decay": self.ema}
 
 
 TRAIN_SHARE = 0.8  # of a budget's minutes, spent training
