@@ -126,11 +126,15 @@ def test_token_layout():
     for bad in (0, 20, 33.0):
         with pytest.raises(ValueError, match="image_size"):
             token_layout(bad)
-    # The settings' model follows the world; explicit model overrides still win.
+    # The settings' model follows the world; a variant's tokens/order go on top.
     settings = DemoSettings(world=WorldSettings(image_size=48))
     config = settings.model_config(tokens="discrete")
     assert config.grid == (6, 6) and config.num_tokens == 36 and config.tokens == "discrete"
     assert config.backbone.pos_init == "sincos" and config.image_size == 48
+    # `model` overrides beat the layout: a non-square grid of the same 36 tokens stays as set.
+    wide = {"grid": (3, 12), "backbone.grid": (3, 12)}
+    own = DemoSettings(world=WorldSettings(image_size=48), model=wide)
+    assert own.model_config().grid == (3, 12) and own.model_config().num_tokens == 36
 
 
 def test_tokenizer_key_follows_the_kl_weight(tmp_path):
