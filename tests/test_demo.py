@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pytest
+import torch
 from PIL import Image
 
 import fluid_train.demo as demo
+from fluid_tokenizers import SDVAETokenizer
 from fluid_train.cli import main
 from fluid_train.demo import (
     DemoSettings,
@@ -19,7 +24,6 @@ from fluid_train.demo import (
     build_world,
     demo_settings,
     run_demo,
-    token_layout,
 )
 
 TASKS = {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
@@ -120,13 +124,9 @@ def test_cache_key_follows_the_settings(tmp_path):
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["data"] * 2 + ["text"] * 2
 
 
-def test_token_layout():
-    assert token_layout(64) == {"image_size": 64, "grid": (8, 8), "backbone.num_tokens": 64}
-    assert token_layout(32)["grid"] == (4, 4)
-    for bad in (0, 20, 33.0):
-        with pytest.raises(ValueError, match="image_size"):
-            token_layout(bad)
-    # The settings' model follows the world; a variant's tokens/order go on top.
+def test_the_model_follows_the_worlds_token_layout():
+    # The settings' model follows the world (presets.token_layout); a variant's tokens/order
+    # go on top.
     settings = DemoSettings(world=WorldSettings(image_size=48))
     config = settings.model_config(tokens="discrete")
     assert config.grid == (6, 6) and config.num_tokens == 36 and config.tokens == "discrete"
@@ -151,6 +151,12 @@ def test_tokenizer_key_follows_the_kl_weight(tmp_path):
     assert other.keys["data"] == first.keys["data"] and stages.cached["data"] is True
     assert other.tokenizers["continuous"] != first.tokenizers["continuous"]
     assert stages.cached["tokenizer"] is False
+    # ... and the weight reaches the training: same data and seed, different weights.
+    a, b = (
+        SDVAETokenizer.from_pretrained(w.tokenizers["continuous"]).state_dict()
+        for w in (first, other)
+    )
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
@@ -169,8 +175,17 @@ def test_busy_cores_reads_the_machine():
     busy = demo._busy_cores(window_s=0.05)
     if busy is None:  # no /proc/stat here: the fallback above is what runs
         assert not os.path.exists("/proc/stat")
-    else:
-        assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+        return
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+    # A process spinning on one core shows up as (most of) a busy core.
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start
+        busy = demo._busy_cores(window_s=0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy >= 0.6
 
 
 def test_budgets():

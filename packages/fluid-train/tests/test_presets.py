@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fluid_train import FluidModel, get_preset, list_presets, model_summary
 from fluid_train.cli import info
 from fluid_train.flops import sample_flops, train_flops, training_compute
-from fluid_train.presets import PAPER_SIZES
+from fluid_train.presets import PAPER_SIZES, token_layout
 
 
 @pytest.mark.parametrize("name", list(PAPER_SIZES))
@@ -152,3 +152,25 @@ def test_train_flops_scale_with_model_size():
     # Roughly 6 * params * tokens: the 10.5B model costs ~60x the 166M one per image.
     assert 40 < large / small < 80
     assert torch.tensor(small).isfinite()
+
+
+def test_token_layout():
+    assert token_layout(64) == {"image_size": 64, "grid": (8, 8), "backbone.num_tokens": 64}
+    assert token_layout(32)["grid"] == (4, 4)
+    for bad in (0, 20, 33.0):
+        with pytest.raises(ValueError, match="image_size"):
+            token_layout(bad)
+    # The shapes presets are the 64 px layout.
+    config = get_preset("shapes-s")
+    assert (config.image_size, config.grid, config.num_tokens) == (64, (8, 8), 64)
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_token_layout_is_the_shapes_tokenizers_grid(image_size):
+    """One token per 8x8 pixels is a fact about the shapes tokenizers: checked against them."""
+    import fluid_tokenizers as ft
+
+    grid = token_layout(image_size)["grid"]
+    vae = ft.SDVAETokenizer.from_config(ft.shapes_vae_config(), image_size=image_size)
+    vq = ft.VQTokenizer.from_config(ft.shapes_vq_config(), image_size=image_size)
+    assert tuple(vae.grid) == grid and tuple(vq.spec.grid) == grid

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .presets import get_preset, token_layout
+
 if TYPE_CHECKING:
     from .model import FluidConfig
 
@@ -54,7 +56,6 @@ __all__ = [
     "demo_settings",
     "evaluate_pipeline",
     "run_demo",
-    "token_layout",
 ]
 
 CACHE_FORMAT = 1  # bump when a stage's output layout changes: old entries are then ignored
@@ -62,21 +63,6 @@ Log = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------------- settings
-
-# Both shapes tokenizers give one token per 8x8 pixels: the VAE (f=4) with 2x2 grouping, and
-# the VQ (f=8).
-TOKEN_PIXELS = 8
-
-
-def token_layout(image_size: int) -> dict[str, Any]:
-    """``get_preset`` overrides laying a model out for the shapes world at ``image_size`` pixels:
-    a square grid of ``image_size / 8`` tokens a side."""
-    if not isinstance(image_size, int) or image_size < TOKEN_PIXELS or image_size % TOKEN_PIXELS:
-        raise ValueError(
-            f"image_size must be a positive multiple of {TOKEN_PIXELS} pixels; got {image_size!r}"
-        )
-    side = image_size // TOKEN_PIXELS
-    return {"image_size": image_size, "grid": (side, side), "backbone.num_tokens": side * side}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -143,8 +129,6 @@ class DemoSettings:
 
     def model_config(self, **extra: Any) -> FluidConfig:
         """The model this run trains (``extra``: e.g. ``tokens=``, ``order=`` of a variant)."""
-        from .presets import get_preset
-
         return get_preset(self.preset, **self.model_overrides(**extra))
 
     @property

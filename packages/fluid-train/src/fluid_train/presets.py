@@ -77,6 +77,24 @@ def _paper(size: PaperSize) -> FluidConfig:
     )
 
 
+# Both shapes tokenizers give one token per 8x8 pixels: the VAE (f=4) with 2x2 grouping, and
+# the VQ (f=8) (tests/test_presets.py checks this against fluid_tokenizers).
+SHAPES_TOKEN_PIXELS = 8
+SHAPES_IMAGE_SIZE = 64  # the presets' default world
+
+
+def token_layout(image_size: int) -> dict[str, Any]:
+    """``get_preset`` overrides laying a shapes-world model out for ``image_size`` pixels: a
+    square grid of ``image_size / 8`` tokens a side (``token_layout(32)``: 4x4 tokens)."""
+    pixels = SHAPES_TOKEN_PIXELS
+    if not isinstance(image_size, int) or image_size < pixels or image_size % pixels:
+        raise ValueError(
+            f"image_size must be a positive multiple of {pixels} pixels; got {image_size!r}"
+        )
+    side = image_size // pixels
+    return {"image_size": image_size, "grid": (side, side), "backbone.num_tokens": side * side}
+
+
 def _shapes_world(
     *,
     width: int,
@@ -90,14 +108,15 @@ def _shapes_world(
     from fluid_text import shapes_t5_config
 
     text_dim = shapes_t5_config().d_model
+    layout = token_layout(SHAPES_IMAGE_SIZE)
     return FluidConfig(
         # Sin-cos positions: a run of minutes cannot learn 2-D neighbourhoods from std-0.02 ones.
         backbone=TransformerConfig(
             width=width,
             depth=depth,
             num_heads=num_heads,
-            num_tokens=64,
-            pos_init="sincos",  # on the square 8x8 grid
+            num_tokens=layout["backbone.num_tokens"],
+            pos_init="sincos",  # on the square token grid
         ),
         aligner=AlignerConfig(
             text_dim=text_dim, width=width, depth=aligner_depth, num_heads=num_heads
@@ -105,10 +124,10 @@ def _shapes_world(
         diffloss=DiffLossConfig(
             depth=diffloss_depth, width=diffloss_width, sample_steps=sample_steps
         ),
-        grid=(8, 8),
+        grid=layout["grid"],
         token_dim=16,
         vocab_size=512,
-        image_size=64,
+        image_size=layout["image_size"],
         text_encoder="shapes-t5",
         text_length=32,
     )
@@ -123,7 +142,7 @@ def debug() -> FluidConfig:
 
 # The shapes-world sizes span 5.7x in parameters (width 96 -> 176, depth 3 -> 6), so the
 # miniature scaling study (`fluid study`) trains all three for the same steps in minutes each;
-# `fluid demo` trains shapes-s, laid out for its 32 px world (4x4 tokens, `demo.token_layout`).
+# `fluid demo` trains shapes-s, laid out for its 32 px world by `token_layout(32)` (4x4 tokens).
 
 
 def shapes_s() -> FluidConfig:
