@@ -213,10 +213,15 @@ def test_order_is_deterministic_per_seed_and_epochs_cover_every_sample(tmp_path)
     assert first(1, 3) != epoch
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_with_exactly_the_batches_the_run_would_have_seen(tmp_path, workers):
+@pytest.mark.parametrize("workers,memory_mb", [(0, 0), (2, 0), (0, 1), (2, 1)])
+def test_resume_continues_with_exactly_the_batches_the_run_would_have_seen(
+    tmp_path, workers, memory_mb
+):
     urls = indexed_encoded_shards(tmp_path, shards=4, per_shard=5)
-    kwargs = dict(batch_size=3, image_size=8, seed=3, shuffle_buffer=4, num_workers=workers)
+    kwargs = dict(
+        batch_size=3, image_size=8, seed=3, shuffle_buffer=4, num_workers=workers,
+        memory_mb=memory_mb,
+    )  # fmt: skip
     reference = TrainLoader(urls, **kwargs)
     iterator = iter(reference)
     expected = [ids(next(iterator)) for _ in range(12)]  # crosses the epoch boundary (20 samples)
@@ -262,3 +267,60 @@ def test_malformed_encoded_samples_are_skipped(tmp_path):
     loader.commit(batch)
     assert batch.tensors["tokens"][:, 0].tolist() == [0, 1, 2]
     assert loader.skip_totals()["malformed"] == 1
+
+
+def test_shards_kept_in_memory_give_the_same_batches_without_the_files(tmp_path):
+    urls = indexed_encoded_shards(tmp_path, shards=4, per_shard=5)
+    kwargs = dict(batch_size=4, image_size=8, seed=1, shuffle_buffer=6)
+    reading = iter(TrainLoader(urls, **kwargs))
+    expected = [ids(next(reading)) for _ in range(15)]  # three epochs of 5 batches
+
+    kept = iter(TrainLoader(urls, memory_mb=1, **kwargs))
+    got = [ids(next(kept)) for _ in range(5)]  # the first epoch reads every shard
+    for url in urls:
+        (tmp_path / url).unlink()
+    got += [ids(next(kept)) for _ in range(10)]  # later epochs come from memory
+    assert got == expected
+
+    # Over the limit nothing is kept: without the files the next epoch has nothing to read.
+    urls = indexed_encoded_shards(tmp_path, shards=4, per_shard=5)
+    tight = iter(TrainLoader(urls, memory_mb=1e-4, **kwargs))  # 104 bytes < one shard
+    [next(tight) for _ in range(5)]
+    for url in urls:
+        (tmp_path / url).unlink()
+    with pytest.raises(RuntimeError, match="read no sample"):
+        next(tight)
+
+
+def test_skips_count_alike_with_shards_in_memory(tmp_path):
+    samples = [
+        encoded_sample(
+            f"{i}", tokens=np.arange(4) + i, text_hidden=np.zeros((3, 2)), text_mask=np.ones(3)
+        )
+        for i in range(4)
+    ]
+    samples[2] = encoded_sample(
+        "9", tokens=np.arange(5), text_hidden=np.zeros((3, 2)), text_mask=np.ones(3)
+    )
+    write_shard(tmp_path / "0.tar", samples)
+    totals = []
+    for memory_mb in (0, 1):
+        loader = TrainLoader(
+            str(tmp_path), batch_size=3, image_size=8, shuffle_buffer=0,
+            expected={"tokens": (4,)}, memory_mb=memory_mb,
+        )  # fmt: skip
+        iterator = iter(loader)
+        for _ in range(3):  # three epochs of three good samples
+            batch = next(iterator)
+            assert batch.tensors["tokens"][:, 0].tolist() == [0, 1, 3]
+            loader.commit(batch)
+        totals.append(loader.skip_totals()["malformed"])
+    assert totals == [3, 3]  # the malformed sample is counted once per epoch either way
+
+
+def test_only_encoded_shards_are_kept_in_memory(tmp_path):
+    write_shard(tmp_path / "00000.tar", image_samples("a", 2))
+    with pytest.raises(ValueError, match="memory_mb=8: only encoded shards"):
+        TrainLoader(str(tmp_path), batch_size=1, image_size=8, memory_mb=8)
+    with pytest.raises(ValueError, match="memory_mb must be >= 0"):
+        TrainLoader(str(tmp_path), batch_size=1, image_size=8, memory_mb=-1)

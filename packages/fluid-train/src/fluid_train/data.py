@@ -9,6 +9,8 @@ Two kinds of shards, told apart by their entries:
 - ``encoded``: written by ``fluid preprocess`` — ``{key}.tokens.npy`` (VQ ids ``[N]`` or the
   SD-VAE posterior mean ``[N, C]``), optional ``{key}.tokens_std.npy`` ``[N, C]``,
   ``{key}.text.npy`` (frozen T5 states ``[L, D_t]``), ``{key}.text_mask.npy`` ``[L]``.
+  Up to ``memory_mb`` of them are kept in memory, decoded, after their first epoch (small
+  datasets: parsing the tar and the ``.npy`` entries again took a third of a demo step).
 
 Order and resumption. The shards are split into ``hosts × max(workers, 1)`` logical streams.
 Each stream is an endless, deterministic sequence: epoch ``e`` permutes the shard list with the
@@ -310,6 +312,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         states: dict[int, StreamState],
         rotation: int = 0,
         expected: dict[str, tuple[int, ...]] | None = None,
+        memory_bytes: int = 0,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
@@ -324,6 +327,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.rotation = rotation
         self.expected = expected  # shapes with -1 wildcards, from the model
         self.fixed: dict[str, tuple[int, ...]] | None = None  # exact, from the first sample
+        # Shards kept in memory after their first reading: url -> (samples, read errors). A
+        # sample's tensors replace its bytes once decoded, so later epochs neither parse the
+        # tar nor decode; the order of samples, and so of batches, is the same either way.
+        self.memory_bytes = memory_bytes
+        self._memory: dict[str, tuple[list[dict[str, Any]], Counter[str]]] = {}
+        self._memory_used = 0
 
     def __iter__(self) -> Iterator[HostBatch]:
         info = torch.utils.data.get_worker_info()
@@ -358,8 +367,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
         for url in mine:
             errors = read_errors.setdefault(url, Counter())
-            for sample in iter_raw_samples(url, errors):
-                sample["__url__"] = url
+            for sample in self._shard_samples(url, errors):
                 pending[url] += 1
                 if self.shuffle_buffer <= 1:
                     yield from emit(sample)
@@ -375,6 +383,28 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rng.shuffle(buffer)
         for sample in buffer:
             yield from emit(sample)
+
+    def _shard_samples(self, url: str, errors: Counter[str]) -> Iterator[dict[str, Any]]:
+        """One shard's raw samples, from memory when an earlier epoch kept them."""
+        if url in self._memory:
+            samples, counts = self._memory[url]
+            errors.update(counts)  # its read errors count again, as a re-read would count them
+            yield from samples
+            return
+        keep: list[dict[str, Any]] | None = [] if self._memory_used < self.memory_bytes else None
+        before = Counter(errors)
+        size = 0
+        for sample in iter_raw_samples(url, errors):
+            sample["__url__"] = url
+            if keep is not None:
+                keep.append(sample)
+                size += sum(len(v) for v in sample.values() if isinstance(v, bytes))
+            yield sample
+        if keep is not None and self._memory_used + size <= self.memory_bytes:
+            counts = Counter(errors)
+            counts.subtract(before)
+            self._memory[url] = (keep, +counts)
+            self._memory_used += size
 
     def _batches(self, stream: int, start: StreamState) -> Iterator[HostBatch]:
         state = StreamState(epoch=start.epoch, offset=start.offset, skips=start.skips)
@@ -401,7 +431,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     continue  # resuming: consumed by the run this one continues
                 state.offset = position
                 try:
-                    items.append(self._decode(raw))
+                    items.append(self._decode_kept(raw))
                     valid += 1
                 except SkipSample as skip:
                     self._count(state, raw["__url__"], Counter({skip.reason: 1}))
@@ -425,6 +455,23 @@ class ShardDataset(torch.utils.data.IterableDataset):
         per_shard = state.skips.setdefault(url, {})
         for reason, n in counts.items():
             per_shard[reason] = per_shard.get(reason, 0) + n
+
+    def _decode_kept(self, raw: dict[str, Any]) -> Any:
+        """``_decode``, remembered in the sample itself when its shard is kept in memory."""
+        if "__decoded__" in raw:
+            result = raw["__decoded__"]
+        else:
+            try:
+                result = self._decode(raw)
+            except SkipSample as skip:
+                result = skip
+            if raw["__url__"] in self._memory:
+                key, url = raw["__key__"], raw["__url__"]
+                raw.clear()  # the bytes are not needed again
+                raw.update({"__key__": key, "__url__": url, "__decoded__": result})
+        if isinstance(result, SkipSample):
+            raise result
+        return result
 
     def _decode(self, raw: dict[str, Any]) -> Any:
         if self.kind == "images":
@@ -473,9 +520,12 @@ class TrainLoader:
         host: int = 0,
         num_hosts: int = 1,
         expected: dict[str, tuple[int, ...]] | None = None,
+        memory_mb: float = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if memory_mb < 0:
+            raise ValueError(f"memory_mb must be >= 0; got {memory_mb}")
         if not 0 <= host < num_hosts:
             raise ValueError(f"host must be in [0, {num_hosts}); got {host}")
         self.urls = expand_shards(shards)
@@ -488,6 +538,12 @@ class TrainLoader:
         self.shuffle_buffer = shuffle_buffer
         self.num_workers = num_workers
         self.expected = expected
+        if memory_mb and self.kind != "encoded":
+            raise ValueError(
+                f"memory_mb={memory_mb}: only encoded shards (`fluid preprocess`) are kept in "
+                f"memory; these shards hold {self.kind}"
+            )
+        self.memory_mb = memory_mb
         per_host = max(num_workers, 1)
         self.num_streams = num_hosts * per_host
         if len(self.urls) < self.num_streams:
@@ -516,6 +572,7 @@ class TrainLoader:
             states={s: StreamState.from_dict(st.to_dict()) for s, st in self.states.items()},
             rotation=self.batches % max(self.num_workers, 1),
             expected=self.expected,
+            memory_bytes=int(self.memory_mb * 2**20) // len(self.streams),
         )
         if self.num_workers == 0:
             return iter(dataset)

@@ -98,14 +98,17 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples; 0 = read in shard order
     num_workers: int = 0  # decoding processes (0 = in the training process)
     text_length: int | None = None  # T5 padding length for image shards (None: encoder max)
+    # Encoded shards up to this many MiB per host are kept in memory, decoded, after their
+    # first epoch (0: every epoch reads the shards again).
+    memory_mb: float = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, str):
             self.shards = [self.shards]
-        if self.shuffle_buffer < 0 or self.num_workers < 0:
+        if self.shuffle_buffer < 0 or self.num_workers < 0 or self.memory_mb < 0:
             raise ValueError(
-                "data.shuffle_buffer and data.num_workers must be >= 0; "
-                f"got {self.shuffle_buffer} and {self.num_workers}"
+                "data.shuffle_buffer, data.num_workers and data.memory_mb must be >= 0; "
+                f"got {self.shuffle_buffer}, {self.num_workers} and {self.memory_mb}"
             )
 
 

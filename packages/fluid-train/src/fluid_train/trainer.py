@@ -131,6 +131,7 @@ class Trainer:
             host=self.backend.process_index,
             num_hosts=self.backend.process_count,
             expected=self._expected_shapes(mc),
+            memory_mb=config.data.memory_mb,
         )
         self.encoders = self._build_encoders()
 
