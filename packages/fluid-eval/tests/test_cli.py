@@ -132,6 +132,33 @@ def test_bad_input_exits_with_code_2_and_names_it(tmp_path, capsys) -> None:
     assert "bad.jsonl line 1: not valid JSON" in capsys.readouterr().err
 
 
+def test_shapes_make_and_render_lay_objects_out_in_cells(tmp_path, capsys) -> None:
+    out = tmp_path / "cells"
+    assert main(["shapes", "make", "--out", str(out), "--num", "20", "--size", "32",
+                 "--cells", "4"]) == 0  # fmt: skip
+    with tarfile.open(out / "00000.tar") as tar:
+        records = [
+            json.loads(tar.extractfile(m).read())
+            for m in tar.getmembers()
+            if m.name.endswith(".json")
+        ]
+    for record in records:
+        cells = set()
+        for o in record["scene"]["objects"]:
+            x, y, half = o["center"][0], o["center"][1], o["size"] / 2
+            col, row = int(x * 4), int(y * 4)
+            assert int((x - half) * 4) == int((x + half) * 4) == col  # inside its cell
+            assert int((y - half) * 4) == int((y + half) * 4) == row
+            cells.add((col, row))
+        assert len(cells) == len(record["scene"]["objects"])
+    prompts = tmp_path / "p.jsonl"
+    assert main(["shapes", "prompts", "--out", str(prompts), "--num", "6"]) == 0
+    capsys.readouterr()
+    assert main(["shapes", "render", "--metadata", str(prompts), "--out", str(tmp_path / "gt"),
+                 "--cells", "1"]) == 2  # fmt: skip
+    assert "cells must be >= 1 with cells**2 >= max_objects=4" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "command",
     [

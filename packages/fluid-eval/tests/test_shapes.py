@@ -96,10 +96,12 @@ def test_richer_compositions_are_expressible_rendered_and_true(detector) -> None
         assert result.correct, result.reason
 
 
-def test_scene_from_prompt_satisfies_every_evaluation_prompt() -> None:
-    layout = LayoutConfig()
+@pytest.mark.parametrize(
+    "layout", [LayoutConfig(), LayoutConfig.in_cells(4)], ids=["free", "cells"]
+)
+def test_scene_from_prompt_satisfies_every_evaluation_prompt(layout) -> None:
     for n, meta in enumerate(shapes.evaluation_metadata(120, seed=9)):
-        scene = shapes.scene_from_prompt(meta, np.random.default_rng(n))
+        scene = shapes.scene_from_prompt(meta, np.random.default_rng(n), layout=layout)
         groups = []
         for group in meta["include"]:
             members = [o for o in scene.objects if o.shape == group["class"]]
@@ -115,8 +117,19 @@ def test_scene_from_prompt_satisfies_every_evaluation_prompt() -> None:
                         )
             groups.append(members)
         assert len(scene.objects) == sum(g["count"] for g in meta["include"])
+        if layout.cells is not None:
+            cells = set()
+            for o in scene.objects:  # inside one cell, half a gap from its edges
+                col, row = (int(c * layout.cells) for c in o.center)
+                x0, y0, x1, y1 = (v * layout.cells for v in o.box)
+                margin = layout.gap / 2 * layout.cells - 1e-9
+                assert x0 - col >= margin and col + 1 - x1 >= margin, (o, meta["prompt"])
+                assert y0 - row >= margin and row + 1 - y1 >= margin, (o, meta["prompt"])
+                cells.add((col, row))
+            assert len(cells) == len(scene.objects)  # one object per cell
         for i, a in enumerate(scene.objects):
-            assert min(a.box) >= layout.border - 1e-9 and max(a.box) <= 1 - layout.border + 1e-9
+            border = layout.border if layout.cells is None else layout.gap / 2
+            assert min(a.box) >= border - 1e-9 and max(a.box) <= 1 - border + 1e-9
             for b in scene.objects[i + 1 :]:
                 gap = max(
                     b.box[0] - a.box[2],
@@ -127,13 +140,17 @@ def test_scene_from_prompt_satisfies_every_evaluation_prompt() -> None:
                 assert gap >= layout.gap - 1e-9
 
 
-def test_every_training_caption_is_judged_true_of_its_scene(detector) -> None:
+@pytest.mark.parametrize(
+    "layout,size", [(LayoutConfig(), 64), (LayoutConfig.in_cells(4), 32)], ids=["free", "cells"]
+)
+def test_every_training_caption_is_judged_true_of_its_scene(detector, layout, size) -> None:
     families = Counter()
     for i in range(300):
-        pair = shapes.sample_training_pair(np.random.default_rng([2024, i]))
+        pair = shapes.sample_training_pair(np.random.default_rng([2024, i]), layout=layout)
         families[pair.metadata["tag"]] += 1
         assert pair.caption == pair.metadata["prompt"]
-        result = geneval.evaluate_image(shapes.render_image(pair.scene), pair.metadata, detector)
+        image = shapes.render_image(pair.scene, size)
+        result = geneval.evaluate_image(image, pair.metadata, detector)
         assert result.correct, (pair.caption, result.reason)
     assert set(families) == set(shapes.TRAINING_FAMILIES)
 
@@ -207,3 +224,14 @@ def test_shape_object_and_scene_validate_their_fields() -> None:
         Scene.from_dict({"objects": [{"shape": "circle"}]})
     scene = shapes.sample_training_pair(0).scene
     assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
+
+
+def test_layout_checks_its_sizes_and_cells() -> None:
+    with pytest.raises(ValueError, match="min_size <= max_size"):
+        LayoutConfig(min_size=0.3, max_size=0.2)
+    with pytest.raises(ValueError, match="cells\\*\\*2 >= max_objects=4"):
+        LayoutConfig.in_cells(1)
+    with pytest.raises(ValueError, match="max_size \\+ gap must fit a cell"):
+        LayoutConfig(cells=4)  # the free layout's 22/64 objects do not fit a quarter side
+    cells = LayoutConfig.in_cells(4)
+    assert (cells.min_size, cells.max_size, cells.gap) == (0.18, 6 / 32, 2 / 32)

@@ -37,12 +37,19 @@ def _print(payload: dict[str, Any], as_json: bool, text: str) -> None:
 # shapes
 
 
+def _layout(args: argparse.Namespace) -> Any:
+    from .shapes import LayoutConfig
+
+    return LayoutConfig() if args.cells is None else LayoutConfig.in_cells(args.cells)
+
+
 def _shapes_make(args: argparse.Namespace) -> int:
     from .shapes import write_shards
 
     paths = write_shards(
-        args.out, args.num, seed=args.seed, size=args.size, shard_size=args.shard_size
-    )
+        args.out, args.num, seed=args.seed, size=args.size, shard_size=args.shard_size,
+        layout=_layout(args),
+    )  # fmt: skip
     print(
         f"wrote {args.num} samples in {len(paths)} shards to {args.out} ({paths[0].name} .. {paths[-1].name})"
     )
@@ -67,10 +74,17 @@ def _shapes_render(args: argparse.Namespace) -> int:
     from .shapes import render_metadata
 
     out = render_metadata(
-        args.metadata, args.out, n_samples=args.samples, size=args.size, seed=args.seed
-    )
+        args.metadata, args.out, n_samples=args.samples, size=args.size, seed=args.seed,
+        layout=_layout(args),
+    )  # fmt: skip
     print(f"rendered ground-truth scenes for {args.metadata} into {out}")
     return 0
+
+
+CELLS_HELP = (
+    "one object inside each used cell of an N x N grid (the shapes tokenizers' token grid: "
+    "image side / 8); default: free placement"
+)
 
 
 def add_shapes_commands(subparsers: Any) -> argparse.ArgumentParser:
@@ -88,6 +102,7 @@ def add_shapes_commands(subparsers: Any) -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="sample i depends only on (seed, i) (default 0)"
     )
     make.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    make.add_argument("--cells", type=int, metavar="N", help=CELLS_HELP)
     make.add_argument(
         "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
     )
@@ -114,6 +129,7 @@ def add_shapes_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     render.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
     render.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    render.add_argument("--cells", type=int, metavar="N", help=CELLS_HELP)
     render.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     render.set_defaults(func=_run(_shapes_render))
     return parser
