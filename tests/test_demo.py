@@ -68,6 +68,22 @@ def test_report_structure_and_every_stage(demo_runs):
     assert report["elapsed_s"] >= sum(report["stage_seconds"][s] for s in stages)
     assert report["settings"]["steps"] == 6 and report["settings"]["preset"] == "debug"
     assert report["settings"]["world"]["num_images"] == 96
+    # The world's layout reaches the evaluation: every ground-truth object in one token cell.
+    assert report["settings"]["world"]["layout"] == "cells"
+    from fluid_eval import ShapesDetector
+
+    detector, truth = (
+        ShapesDetector(),
+        list((out / "cache").glob("prompts-*/truth/*/samples/*.png")),
+    )
+    assert len(truth) == 12
+    for path in truth:
+        with Image.open(path) as image:
+            for found in detector.detect(image):
+                x0, y0, x1, y1 = found.box
+                assert x0 // 8 == x1 // 8 and y0 // 8 == y1 // 8, (path, found.box)
+    train_config = json.loads((out / "run" / "train_config.json").read_text())
+    assert train_config["train"]["data"]["memory_mb"] == 1024  # the encoded world is read once
     # The model is laid out on the world's token grid: one token per 8x8 pixels.
     size = TINY.world.image_size
     model_config = json.loads((out / "run" / "pipeline" / "model" / "config.json").read_text())
@@ -122,6 +138,40 @@ def test_cache_key_follows_the_settings(tmp_path):
     again = build_world(tmp_path, world, tokens=(), stages=stages)
     assert again.keys == first.keys and stages.cached == {"data": True, "text": True}
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["data"] * 2 + ["text"] * 2
+
+
+def _scenes(shard):
+    from fluid_eval.shapes import Scene
+    from fluid_train.data import iter_raw_samples
+
+    return [Scene.from_dict(json.loads(raw["json"])["scene"]) for raw in iter_raw_samples(shard)]
+
+
+def _one_object_per_cell(scene, cells: int) -> bool:
+    seen = set()
+    for o in scene.objects:
+        x0, y0, x1, y1 = (int(v * cells * (1 - 1e-9)) for v in o.box)
+        if x0 != x1 or y0 != y1 or (x0, y0) in seen:
+            return False
+        seen.add((x0, y0))
+    return True
+
+
+def test_the_worlds_layout_reaches_its_scenes(tmp_path):
+    # "cells" (the demo's default): every object of every training and held-out scene inside
+    # its own token cell; "free" is a different cache entry whose objects straddle cells.
+    cells = WorldSettings(num_images=40, num_val=8, shard_size=40)
+    assert cells.layout == "cells" and cells.layout_config().cells == 4
+    world = build_world(tmp_path, cells, tokens=(), stages=Stages(lambda _: None))
+    scenes = _scenes(world.train_shards[0]) + _scenes(world.val_shards[0])
+    assert len(scenes) == 48 and all(_one_object_per_cell(s, 4) for s in scenes)
+    free = build_world(
+        tmp_path, replace(cells, layout="free"), tokens=(), stages=Stages(lambda _: None)
+    )
+    assert free.keys["data"] != world.keys["data"]
+    assert not all(_one_object_per_cell(s, 4) for s in _scenes(free.train_shards[0]))
+    with pytest.raises(ValueError, match="layout must be 'cells' or 'free'; got 'grid'"):
+        WorldSettings(layout="grid")
 
 
 def test_the_model_follows_the_worlds_token_layout():

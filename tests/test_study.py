@@ -112,10 +112,13 @@ def test_budget_picks_steps_from_the_slowest_run(study):
 
 def test_defaults_are_the_readme_tables_settings():
     """The study's world and recipe are pinned: the demo's settings can move without changing
-    what `fluid study` measures (64 px, 8x8 tokens, 300-step VAE, batch 32, paper objective)."""
+    what `fluid study` measures (64 px free layout, 8x8 tokens, 300-step VAE, batch 32, paper
+    objective, CFG 3 at temperature 1)."""
     settings = StudySettings()
     assert settings.world.image_size == 64 and settings.world.vae_steps == 300
     assert settings.world.num_images == 8000 and settings.train.batch_size == 32
+    assert settings.world.layout == "free"  # objects placed freely, not one per token cell
+    assert (settings.train.cfg, settings.train.temperature) == (3.0, 1.0)
     for size in settings.sizes:
         config = settings.run_settings(size).model_config(tokens="continuous", order="random")
         assert config.grid == (8, 8) and config.image_size == 64

@@ -87,7 +87,9 @@ class StudySettings:
     # 64 px (8x8 tokens) with the 300-step VAE: the world the README's study table was measured
     # on, pinned here so it stays reproducible whatever the demo's world becomes.
     world: WorldSettings = field(
-        default_factory=lambda: WorldSettings(num_images=8000, image_size=64, vae_steps=300)
+        default_factory=lambda: WorldSettings(
+            num_images=8000, image_size=64, layout="free", vae_steps=300
+        )
     )
     sizes: tuple[SizeSpec, ...] = tuple(SIZES.values())
     variants: tuple[str, ...] = VARIANTS
@@ -98,6 +100,8 @@ class StudySettings:
         # (what the README's study table was measured with), unlike the demo's model.
         default_factory=lambda: DemoSettings(
             batch_size=32,  # the study table's batch, pinned like its world
+            cfg=3.0,  # and its sampling: MAR's temperature 1 with CFG 3
+            temperature=1.0,
             num_prompts=48,
             samples_per_prompt=2,
             model={
