@@ -13,6 +13,7 @@ from fluid_train.cli import train as train_cli
 from fluid_train.ema import EMA
 from fluid_train.model import FluidModel
 from fluid_train.recipe import (
+    DataConfig,
     ScheduleConfig,
     TrainConfig,
     build_optimizer,
@@ -48,6 +49,8 @@ def test_config_files_nest_coerce_and_reject_unknown_keys(tmp_path):
         TrainConfig.from_dict({"out": "r", "optim": {"lrr": 1.0}})
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         TrainConfig(out="r", batch_size=0)
+    with pytest.raises(ValueError, match="data.memory_mb must be >= 0"):
+        DataConfig(memory_mb=-1)
     (tmp_path / "x.yaml").write_text("out: r\n")
     with pytest.raises(ValueError, match="must end in .json or .toml"):
         TrainConfig.from_file(tmp_path / "x.yaml")
@@ -64,10 +67,11 @@ def test_cli_flags_override_the_config_file(tmp_path):
     train_cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(
         ["train", "--config", str(file), "--steps", "7", "--grad-clip", "0", "--tokens", "discrete",
-         "--model", "backbone.depth=3", "--warmup", "10"]
+         "--model", "backbone.depth=3", "--warmup", "10", "--memory-mb", "256"]
     )  # fmt: skip
     config = train_cli.build_train_config(args)
     assert config.steps == 7 and config.optim.lr == 2e-4  # flag wins; file kept
+    assert config.data.memory_mb == 256 and config.data.shards == ["x"]
     assert config.optim.grad_clip is None and config.schedule.warmup_steps == 10
     assert config.model == {"tokens": "discrete", "backbone.depth": 3}
     with pytest.raises(ValueError, match="--out"):

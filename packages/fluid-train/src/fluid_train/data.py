@@ -9,8 +9,9 @@ Two kinds of shards, told apart by their entries:
 - ``encoded``: written by ``fluid preprocess`` — ``{key}.tokens.npy`` (VQ ids ``[N]`` or the
   SD-VAE posterior mean ``[N, C]``), optional ``{key}.tokens_std.npy`` ``[N, C]``,
   ``{key}.text.npy`` (frozen T5 states ``[L, D_t]``), ``{key}.text_mask.npy`` ``[L]``.
-  Up to ``memory_mb`` of them are kept in memory, decoded, after their first epoch (small
-  datasets: parsing the tar and the ``.npy`` entries again took a third of a demo step).
+  Up to ``memory_mb`` of them (counted as their bytes in the tar; float16 text states take
+  twice that once decoded to float32) are kept in memory, decoded, after their first epoch
+  (small datasets: parsing the tar and the ``.npy`` entries again took a third of a demo step).
 
 Order and resumption. The shards are split into ``hosts × max(workers, 1)`` logical streams.
 Each stream is an endless, deterministic sequence: epoch ``e`` permutes the shard list with the

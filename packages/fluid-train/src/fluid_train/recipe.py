@@ -98,8 +98,8 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples; 0 = read in shard order
     num_workers: int = 0  # decoding processes (0 = in the training process)
     text_length: int | None = None  # T5 padding length for image shards (None: encoder max)
-    # Encoded shards up to this many MiB per host are kept in memory, decoded, after their
-    # first epoch (0: every epoch reads the shards again).
+    # Encoded shards up to this many MiB per host (their bytes in the tar) are kept in memory,
+    # decoded, after their first epoch (0: every epoch reads the shards again).
     memory_mb: float = 0
 
     def __post_init__(self) -> None:

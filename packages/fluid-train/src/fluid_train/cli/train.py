@@ -72,6 +72,11 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the weights, data order and training noise")
     p.add_argument("--num-workers", type=int, help="data decoding processes per host (default 0)")
     p.add_argument("--shuffle-buffer", type=int, help="shuffle buffer in samples (default 1000)")
+    p.add_argument(
+        "--memory-mb",
+        type=float,
+        help="encoded shards: MiB per host kept in memory after the first epoch (default 0)",
+    )
     p.add_argument("--text-length", type=int, help="T5 padding length for image shards")
     p.add_argument(
         "--dcn-data-parallelism",
@@ -131,6 +136,7 @@ def build_train_config(args: argparse.Namespace):
             "shards": args.data,
             "num_workers": args.num_workers,
             "shuffle_buffer": args.shuffle_buffer,
+            "memory_mb": args.memory_mb,
             "text_length": args.text_length,
         },
         "parallel": {
