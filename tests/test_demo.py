@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 import fluid_train.demo as demo
+from fluid_eval import ShapesDetector
+from fluid_eval.shapes import LayoutConfig
 from fluid_tokenizers import SDVAETokenizer
 from fluid_train.cli import main
 from fluid_train.demo import (
@@ -70,8 +72,6 @@ def test_report_structure_and_every_stage(demo_runs):
     assert report["settings"]["world"]["num_images"] == 96
     # The world's layout reaches the evaluation: every ground-truth object in one token cell.
     assert report["settings"]["world"]["layout"] == "cells"
-    from fluid_eval import ShapesDetector
-
     detector, truth = (
         ShapesDetector(),
         list((out / "cache").glob("prompts-*/truth/*/samples/*.png")),
@@ -172,6 +172,16 @@ def test_the_worlds_layout_reaches_its_scenes(tmp_path):
     assert not all(_one_object_per_cell(s, 4) for s in _scenes(free.train_shards[0]))
     with pytest.raises(ValueError, match="layout must be 'cells' or 'free'; got 'grid'"):
         WorldSettings(layout="grid")
+
+
+def test_the_data_key_follows_the_layouts_geometry(monkeypatch):
+    # Same layout name, other object sizes: a different data entry, not a stale one.
+    before = WorldSettings().data_key()
+    assert before["layout"]["cells"] == 4
+    monkeypatch.setattr(
+        WorldSettings, "layout_config", lambda self: LayoutConfig.in_cells(4, min_size=0.15)
+    )
+    assert WorldSettings().data_key() != before
 
 
 def test_the_model_follows_the_worlds_token_layout():

@@ -318,6 +318,29 @@ def test_skips_count_alike_with_shards_in_memory(tmp_path):
     assert totals == [3, 3]  # the malformed sample is counted once per epoch either way
 
 
+def test_read_errors_count_alike_with_shards_in_memory(tmp_path):
+    # A shard cut short: its readable samples are kept, and its read error counts every epoch
+    # as a re-read would count it.
+    (path,) = indexed_encoded_shards(tmp_path, shards=1, per_shard=6)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) * 2 // 3])
+    results = []
+    for memory_mb in (0, 1):
+        loader = TrainLoader(
+            path, batch_size=1, image_size=8, shuffle_buffer=0, memory_mb=memory_mb
+        )
+        iterator = iter(loader)
+        seen = []
+        for _ in range(9):
+            batch = next(iterator)
+            loader.commit(batch)
+            seen += ids(batch)
+        results.append((seen, loader.skip_totals()["read_error"]))
+    assert results[0] == results[1]
+    seen, read_errors = results[0]
+    assert read_errors >= 2 and len(set(seen)) < 6  # the cut samples are never seen
+
+
 def test_only_encoded_shards_are_kept_in_memory(tmp_path):
     write_shard(tmp_path / "00000.tar", image_samples("a", 2))
     with pytest.raises(ValueError, match="memory_mb=8: only encoded shards"):

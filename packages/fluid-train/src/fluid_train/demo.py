@@ -97,8 +97,13 @@ class WorldSettings:
             raise ValueError(f"world layout must be 'cells' or 'free'; got {self.layout!r}")
 
     def data_key(self) -> dict[str, Any]:
-        keys = ("num_images", "num_val", "image_size", "layout", "shard_size")
-        return {k: getattr(self, k) for k in keys}
+        """What the scenes depend on: the layout by its geometry, not its name, so an entry
+        written with other sizes or gaps is never taken for this one."""
+        keys = ("num_images", "num_val", "image_size", "shard_size")
+        return {**{k: getattr(self, k) for k in keys}, "layout": self.layout_key()}
+
+    def layout_key(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.layout_config())
 
     def layout_config(self) -> LayoutConfig:
         """How the world's scenes are laid out (``cells``: the token grid of this image size)."""
@@ -553,16 +558,17 @@ def evaluate_pipeline(
     stages = stages or Stages(print)
     out = Path(out_dir)
     n, k = settings.num_prompts, settings.samples_per_prompt
-    world = settings.world
+    world, layout = settings.world, settings.world.layout_config()
     prompts_settings = {
-        "num": n, "samples": k, "size": world.image_size, "layout": world.layout, "seed": seed
+        "num": n, "samples": k, "size": world.image_size, "layout": world.layout_key(),
+        "seed": seed,
     }  # fmt: skip
     with _cache_entry(Path(cache), "prompts", prompts_settings, stages, "prompts") as (path, hit):
         if not hit:
             write_prompts(path / "prompts.jsonl", n, seed=43 + seed)
             render_metadata(
                 path / "prompts.jsonl", path / "truth", n_samples=k, size=world.image_size,
-                seed=seed, layout=world.layout_config(),
+                seed=seed, layout=layout,
             )  # fmt: skip
     prompts = _final_path(path)
     metadata_file, truth = prompts / "prompts.jsonl", prompts / "truth"
@@ -586,9 +592,8 @@ def evaluate_pipeline(
         fid = compute_fid(truth, generated).fid
         truth_score = score_folder(truth, detector, metadata_file=metadata_file).overall
         chance = _chance(
-            metadata, detector, samples=k, size=world.image_size, layout=world.layout_config(),
-            seed=seed,
-        )  # fmt: skip
+            metadata, detector, samples=k, size=world.image_size, layout=layout, seed=seed
+        )
     return {
         "geneval": report.to_dict(),
         "fid": fid,
