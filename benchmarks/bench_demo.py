@@ -3,7 +3,7 @@
     python benchmarks/bench_demo.py                    # the default budget (~15 min, 2 CPU cores)
     python benchmarks/bench_demo.py --budget small --out /tmp/demo-small
 
-Runs ``fluid_train.demo.run_demo`` (cache included: pass a fresh --out to time everything) and
+Runs ``fluid_train.experiments.run_demo`` (cache included: pass a fresh --out to time everything) and
 checks the targets of the default budget: GenEval overall >= 0.5 on the held-out prompts, every
 task family above its chance level (the score of scenes drawn without reading the prompt), and
 the run inside the budget's minutes. Prints the report's table and one JSON line; exits 1 when a
@@ -17,7 +17,7 @@ import json
 import sys
 
 from fluid_train.cli.demo import quiet_libraries
-from fluid_train.demo import BUDGETS, run_demo
+from fluid_train.experiments import BUDGETS, configure_cpu, run_demo
 
 
 def main() -> int:
@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args()
     quiet_libraries()
+    configure_cpu()
     report = run_demo(args.out, budget=args.budget, seed=args.seed, progress=False)
     minutes = BUDGETS[args.budget][0] if args.budget in BUDGETS else float(args.budget)
     below_chance = [f for f, s in report.geneval.items() if not s > report.chance[f]]

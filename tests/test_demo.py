@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import fluid_train.demo as demo
+import fluid_train.experiments.machine as machine
 from fluid_eval import ShapesDetector
 from fluid_eval.shapes import LayoutConfig
 from fluid_tokenizers import SDVAETokenizer
 from fluid_train.cli import main
-from fluid_train.demo import (
+from fluid_train.experiments import (
     DemoSettings,
     Stages,
     WorldSettings,
@@ -220,19 +220,19 @@ def test_tokenizer_key_follows_the_kl_weight(tmp_path):
 
 
 def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(demo, "_busy_cores", lambda: 1.2)
-    assert demo.auto_threads() == 3
-    monkeypatch.setattr(demo, "_busy_cores", lambda: 7.0)  # oversubscribed: still one thread
-    assert demo.auto_threads() == 1
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(machine, "_busy_cores", lambda: 1.2)
+    assert machine.auto_threads() == 3
+    monkeypatch.setattr(machine, "_busy_cores", lambda: 7.0)  # oversubscribed: still one thread
+    assert machine.auto_threads() == 1
     # Without /proc/stat the one-minute load average decides.
-    monkeypatch.setattr(demo, "_busy_cores", lambda: None)
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (2.4, 0.0, 0.0), raising=False)
-    assert demo.auto_threads() == 2
+    monkeypatch.setattr(machine, "_busy_cores", lambda: None)
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (2.4, 0.0, 0.0), raising=False)
+    assert machine.auto_threads() == 2
 
 
 def test_busy_cores_reads_the_machine():
-    busy = demo._busy_cores(window_s=0.05)
+    busy = machine._busy_cores(window_s=0.05)
     if busy is None:  # no /proc/stat here: the fallback above is what runs
         assert not os.path.exists("/proc/stat")
         return
@@ -241,7 +241,7 @@ def test_busy_cores_reads_the_machine():
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)  # let it start
-        busy = demo._busy_cores(window_s=0.5)
+        busy = machine._busy_cores(window_s=0.5)
     finally:
         spinner.kill()
         spinner.wait()

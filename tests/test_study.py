@@ -9,8 +9,17 @@ import math
 import pytest
 
 from fluid_train.cli import main
-from fluid_train.demo import DemoSettings, Stages, WorldSettings, build_world
-from fluid_train.study import SizeSpec, StudySettings, format_table, run_study, steps_for_budget
+from fluid_train.experiments import (
+    DemoSettings,
+    SizeSpec,
+    Stages,
+    StudySettings,
+    WorldSettings,
+    build_world,
+    format_table,
+    run_study,
+    steps_for_budget,
+)
 
 WORLD = WorldSettings(
     num_images=96,

@@ -1,9 +1,9 @@
 """fluid-eval: validation loss, FID, GenEval, CLIP score, scaling fits and the shapes world.
 
 Imports no other fluid package: models are reached through small protocols (a ``Generator``
-has ``generate(prompts)``, a ``Detector`` has ``detect(image)``, a loss is a callable). The
-torch-based modules (fid, loss, clip_score) and scaling load on first use, so the shapes world
-and GenEval scoring start without importing torch.
+has ``generate(prompts)``, a ``Detector`` has ``detect(image)``, a loss is a callable). Every
+submodule loads on first use (the torch-based ones — fid, loss, clip_score — only when named),
+so the command line's parsing imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -12,46 +12,29 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .__about__ import __version__
-from .detector import ShapesDetector, ShapesDetectorConfig
-from .geneval import (
-    TASKS,
-    Detection,
-    Detector,
-    Generator,
-    GenEvalConfig,
-    GenEvalReport,
-    ImageResult,
-    evaluate,
-    evaluate_image,
-    load_metadata,
-    relative_position,
-    score_folder,
-    summarize,
-    write_generations,
-    write_results,
-    write_sample_folder,
-)
-from .shapes import (
-    COLORS,
-    PALETTE,
-    SHAPES,
-    LayoutConfig,
-    Scene,
-    ShapeObject,
-    TrainingPair,
-    evaluation_metadata,
-    render,
-    render_image,
-    render_metadata,
-    sample_training_pair,
-    scene_from_prompt,
-    write_prompts,
-    write_shards,
-)
 
 if TYPE_CHECKING:
     from .clip_score import ClipBundle, ClipScoreResult, load_open_clip
+    from .detector import ShapesDetector, ShapesDetectorConfig
     from .fid import CocoPair, FIDResult, ShapesFeatureNet, compute_fid, make_fid, sample_coco_pairs
+    from .geneval import (
+        TASKS,
+        Detection,
+        Detector,
+        Generator,
+        GenEvalConfig,
+        GenEvalReport,
+        ImageResult,
+        evaluate,
+        evaluate_image,
+        load_metadata,
+        relative_position,
+        score_folder,
+        summarize,
+        write_generations,
+        write_results,
+        write_sample_folder,
+    )
     from .loss import ValidationLoss, validation_loss
     from .scaling import (
         Correlation,
@@ -62,8 +45,64 @@ if TYPE_CHECKING:
         pearson,
         scaling_report,
     )
+    from .shapes import (
+        COLORS,
+        PALETTE,
+        SHAPES,
+        LayoutConfig,
+        Scene,
+        ShapeObject,
+        TrainingPair,
+        evaluation_metadata,
+        render,
+        render_image,
+        render_metadata,
+        sample_training_pair,
+        scene_from_prompt,
+        write_prompts,
+        write_shards,
+    )
 
 _LAZY = {
+    "detector": (
+        "ShapesDetector",
+        "ShapesDetectorConfig",
+    ),
+    "geneval": (
+        "TASKS",
+        "Detection",
+        "Detector",
+        "Generator",
+        "GenEvalConfig",
+        "GenEvalReport",
+        "ImageResult",
+        "evaluate",
+        "evaluate_image",
+        "load_metadata",
+        "relative_position",
+        "score_folder",
+        "summarize",
+        "write_generations",
+        "write_results",
+        "write_sample_folder",
+    ),
+    "shapes": (
+        "COLORS",
+        "PALETTE",
+        "SHAPES",
+        "LayoutConfig",
+        "Scene",
+        "ShapeObject",
+        "TrainingPair",
+        "evaluation_metadata",
+        "render",
+        "render_image",
+        "render_metadata",
+        "sample_training_pair",
+        "scene_from_prompt",
+        "write_prompts",
+        "write_shards",
+    ),
     # The function ``clip_score`` stays in its module: the module's name would shadow it here.
     "clip_score": ("ClipBundle", "ClipScoreResult", "load_open_clip"),
     "fid": (

@@ -3,36 +3,55 @@
 `SDVAETokenizer` (the sd-vae-ft-ema layout, 2x2-grouped latents: 256 tokens x 16 channels at
 256 px) and `VQTokenizer` (the aMUSEd layout: 256 ids from 8192 codes), both loading and saving
 local diffusers directories; small-world configs and training routines for the shapes world.
+
+Submodules load on first use, and diffusers only when a tokenizer is built or loaded.
 """
 
 from __future__ import annotations
 
-from .__about__ import __version__
-from .sd_vae import (
-    LatentMoments,
-    SDVAETokenizer,
-    calibrate_scaling_factor,
-    sd_vae_ft_ema_config,
-    shapes_vae_config,
-)
-from .spec import TokenizerSpec, group_patches, ungroup_patches
-from .training import TrainHistory, train_vae, train_vq
-from .vq import VQTokenizer, amused_vq_config, shapes_vq_config
+import importlib
+from typing import Any
 
-__all__ = [
-    "LatentMoments",
-    "SDVAETokenizer",
-    "TokenizerSpec",
-    "TrainHistory",
-    "VQTokenizer",
-    "__version__",
-    "amused_vq_config",
-    "calibrate_scaling_factor",
-    "group_patches",
-    "sd_vae_ft_ema_config",
-    "shapes_vae_config",
-    "shapes_vq_config",
-    "train_vae",
-    "train_vq",
-    "ungroup_patches",
-]
+from .__about__ import __version__
+
+# name -> submodule: loaded on first access (PEP 562), so importing the package is cheap.
+_LAZY = {
+    "sd_vae": (
+        "LatentMoments",
+        "SDVAETokenizer",
+        "calibrate_scaling_factor",
+        "sd_vae_ft_ema_config",
+        "shapes_vae_config",
+    ),
+    "spec": (
+        "TokenizerSpec",
+        "group_patches",
+        "ungroup_patches",
+    ),
+    "training": (
+        "TrainHistory",
+        "train_vae",
+        "train_vq",
+    ),
+    "vq": (
+        "VQTokenizer",
+        "amused_vq_config",
+        "shapes_vq_config",
+    ),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = ["__version__", *_LAZY_NAMES]

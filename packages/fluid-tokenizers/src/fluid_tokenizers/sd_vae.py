@@ -15,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from diffusers import AutoencoderKL
 
 from .spec import (
     TokenizerSpec,
@@ -66,6 +68,13 @@ _SHAPES_VAE: dict[str, Any] = {
 }
 
 
+def _autoencoderkl_class() -> type[AutoencoderKL]:
+    """``diffusers.AutoencoderKL``, imported on first use (diffusers pulls in much of transformers)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL
+
+
 def sd_vae_ft_ema_config() -> dict[str, Any]:
     """The public sd-vae-ft-ema AutoencoderKL layout (f=8, 4 latent channels, 83.65M params)."""
     return {k: list(v) if isinstance(v, list) else v for k, v in _SD_VAE_FT_EMA.items()}
@@ -97,7 +106,7 @@ class SDVAETokenizer(nn.Module):
 
     def __init__(self, vae: AutoencoderKL, *, image_size: int = 256, patch_size: int = 2) -> None:
         super().__init__()
-        if not isinstance(vae, AutoencoderKL):
+        if not isinstance(vae, _autoencoderkl_class()):
             raise ValueError(f"vae must be a diffusers AutoencoderKL; got {type(vae).__name__}")
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1; got {patch_size}")
@@ -129,7 +138,7 @@ class SDVAETokenizer(nn.Module):
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            vae = AutoencoderKL.from_config(config)
+            vae = _autoencoderkl_class().from_config(config)
         return cls(vae, image_size=image_size, patch_size=patch_size)
 
     @classmethod
@@ -150,7 +159,7 @@ class SDVAETokenizer(nn.Module):
         root = model_dir(path, subfolder)
         size, patch = image_size_for(root, image_size, patch_size, default_patch=2)
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        vae = AutoencoderKL.from_pretrained(root, **kwargs)
+        vae = _autoencoderkl_class().from_pretrained(root, **kwargs)
         return cls(vae, image_size=size, patch_size=patch)
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -11,11 +11,13 @@ Like the VAE tokenizer it is built frozen (eval mode, no gradients); `train_vq` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import VQModel
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from diffusers import VQModel
 
 from .spec import TokenizerSpec, check_images, image_size_for, model_dir, write_fluid_config
 
@@ -65,6 +67,13 @@ _SHAPES_VQ: dict[str, Any] = {
 }
 
 
+def _vqmodel_class() -> type[VQModel]:
+    """``diffusers.VQModel``, imported on first use (diffusers pulls in much of transformers)."""
+    from diffusers import VQModel
+
+    return VQModel
+
+
 def amused_vq_config() -> dict[str, Any]:
     """The public aMUSEd-256 VQModel layout (f=16, 64-dim latents, 8192 codes, 146.24M params)."""
     return {k: list(v) if isinstance(v, list) else v for k, v in _AMUSED_VQ.items()}
@@ -80,7 +89,7 @@ class VQTokenizer(nn.Module):
 
     def __init__(self, vq: VQModel, *, image_size: int = 256) -> None:
         super().__init__()
-        if not isinstance(vq, VQModel):
+        if not isinstance(vq, _vqmodel_class()):
             raise ValueError(f"vq must be a diffusers VQModel; got {type(vq).__name__}")
         self.vq = vq
         self.image_size = int(image_size)
@@ -103,7 +112,7 @@ class VQTokenizer(nn.Module):
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            vq = VQModel.from_config(config)
+            vq = _vqmodel_class().from_config(config)
         return cls(vq, image_size=image_size)
 
     @classmethod
@@ -123,7 +132,7 @@ class VQTokenizer(nn.Module):
         root = model_dir(path, subfolder)
         size, _ = image_size_for(root, image_size, None, default_patch=1)
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        vq = VQModel.from_pretrained(root, **kwargs)
+        vq = _vqmodel_class().from_pretrained(root, **kwargs)
         return cls(vq, image_size=size)
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -3,64 +3,84 @@
 from fluid_train import FluidPipeline
 pipe = FluidPipeline.from_pretrained("runs/shapes-s")   # a pipeline or run directory
 images = pipe(["a photo of a red circle"], seed=0)    # list[PIL.Image]
+
+The package imports its submodules on first use: ``import fluid_train`` (and the ``fluid``
+command line's parsing) does not import torch, transformers or diffusers.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from .__about__ import __version__
 
-# Training: data, recipe, backends, checkpoints.
-from .data import TrainLoader
+# name -> submodule: loaded on first access (PEP 562), so importing the package is cheap.
+_LAZY = {
+    "data": (
+        "TrainLoader",
+    ),
+    "flops": (
+        "FlopsBreakdown",
+        "model_summary",
+        "sample_flops",
+        "train_flops",
+        "training_compute",
+    ),
+    "generation": (
+        "generate",
+    ),
+    "masking": (
+        "reveal_schedule",
+        "training_mask",
+    ),
+    "model": (
+        "DiffLossConfig",
+        "FluidConfig",
+        "FluidModel",
+        "GenerationConfig",
+        "LossOutput",
+        "ParamCounts",
+        "TrainBatch",
+    ),
+    "pipeline": (
+        "FluidPipeline",
+        "PipelineSampler",
+        "contact_sheet",
+        "find_pipeline",
+        "to_pil",
+    ),
+    "preprocess": (
+        "preprocess",
+    ),
+    "presets": (
+        "PAPER_SIZES",
+        "get_preset",
+        "list_presets",
+    ),
+    "recipe": (
+        "TrainConfig",
+    ),
+    "trainer": (
+        "NonFiniteLossError",
+        "Trainer",
+        "TrainResult",
+        "train",
+    ),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 
-# Model, presets, generation and the pipeline.
-from .flops import FlopsBreakdown, model_summary, sample_flops, train_flops, training_compute
-from .generation import generate
-from .masking import reveal_schedule, training_mask
-from .model import (
-    DiffLossConfig,
-    FluidConfig,
-    FluidModel,
-    GenerationConfig,
-    LossOutput,
-    ParamCounts,
-    TrainBatch,
-)
-from .pipeline import FluidPipeline, PipelineSampler, contact_sheet, find_pipeline, to_pil
-from .preprocess import preprocess
-from .presets import PAPER_SIZES, get_preset, list_presets
-from .recipe import TrainConfig
-from .trainer import NonFiniteLossError, Trainer, TrainResult, train
 
-__all__ = [
-    "PAPER_SIZES",
-    "DiffLossConfig",
-    "FlopsBreakdown",
-    "FluidConfig",
-    "FluidModel",
-    "FluidPipeline",
-    "GenerationConfig",
-    "LossOutput",
-    "ParamCounts",
-    "PipelineSampler",
-    "TrainBatch",
-    "__version__",
-    "contact_sheet",
-    "find_pipeline",
-    "generate",
-    "get_preset",
-    "list_presets",
-    "model_summary",
-    "reveal_schedule",
-    "sample_flops",
-    "to_pil",
-    "train_flops",
-    "training_compute",
-    "training_mask",
-    "NonFiniteLossError",
-    "TrainConfig",
-    "TrainLoader",
-    "TrainResult",
-    "Trainer",
-    "preprocess",
-    "train",
-]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = ["__version__", *_LAZY_NAMES]

@@ -1,6 +1,7 @@
 """``fluid demo``: train a small Fluid model on the shapes world from nothing and judge it.
 
-Everything here is ``fluid_train.demo.run_demo(out, budget=..., seed=...)`` from Python.
+Everything here is ``fluid_train.experiments.run_demo(out, budget=..., seed=...)`` from Python;
+this entry also sets the process's torch threads (``experiments.machine.configure_cpu``).
 """
 
 from __future__ import annotations
@@ -52,14 +53,18 @@ def quiet_libraries() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fluid_train.demo import demo_settings, run_demo
+    from fluid_train.experiments.settings import demo_settings
 
     try:
         demo_settings(args.budget)  # a bad --budget fails here, before any work
     except ValueError as error:
         print(f"fluid demo: error: {error}", file=sys.stderr)
         return 2
+    from fluid_train.experiments.demo import run_demo
+    from fluid_train.experiments.machine import configure_cpu
+
     quiet_libraries()
+    configure_cpu()
     report = run_demo(
         args.out,
         budget=args.budget,

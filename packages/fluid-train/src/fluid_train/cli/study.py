@@ -1,6 +1,7 @@
 """``fluid study``: the four variants x model sizes on the shapes world, with scaling fits.
 
-Everything here is ``fluid_train.study.run_study(out, settings=..., minutes_per_run=...)``.
+Everything here is ``fluid_train.experiments.run_study(out, settings=..., minutes_per_run=...)``;
+this entry also sets the process's torch threads (``experiments.machine.configure_cpu``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from fluid_train.study import SIZES, VARIANTS
+    from fluid_train.experiments.settings import SIZES, VARIANTS
 
     parser = subparsers.add_parser(
         "study",
@@ -55,7 +56,7 @@ def _split(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from fluid_train.cli.demo import quiet_libraries
-    from fluid_train.study import SIZES, StudySettings, run_study
+    from fluid_train.experiments.settings import SIZES, StudySettings
 
     try:
         unknown = [s for s in _split(args.sizes) if s not in SIZES]
@@ -73,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"fluid study: error: {error}", file=sys.stderr)
         return 2
     minutes = args.budget if args.budget is not None else (None if args.steps else 3.0)
+    from fluid_train.experiments.machine import configure_cpu
+    from fluid_train.experiments.study import run_study
+
     quiet_libraries()
+    configure_cpu()
     run_study(
         args.out,
         settings=settings,

@@ -1,6 +1,6 @@
 """``fluid study``: the paper's comparison of the four variants over model sizes, in miniature.
 
-On the shapes world (the stages of ``fluid_train.demo``: data, the VAE and VQ tokenizers, the
+On the shapes world (the stages of ``fluid_train.experiments.world``: data, the VAE and VQ tokenizers, the
 small frozen T5, encoded shards — all cached), every (variant, size) pair is trained with the
 real trainer and the same recipe for the same number of steps (the paper trains every model for
 the same steps), then measured:
@@ -27,115 +27,18 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .demo import (
-    DemoSettings,
-    Log,
-    Stages,
-    World,
-    WorldSettings,
-    auto_threads,
-    build_world,
-    evaluate_pipeline,
-    train_model,
-)
+from .cache import Log, Stages
+from .demo import train_model
+from .evaluation import evaluate_pipeline
+from .settings import SizeSpec, StudySettings
+from .world import World, build_world
 
-__all__ = [
-    "SIZES",
-    "VARIANTS",
-    "SizeSpec",
-    "StudySettings",
-    "format_table",
-    "run_study",
-    "steps_for_budget",
-]
-
-VARIANTS: tuple[str, ...] = (
-    "raster-discrete",
-    "random-discrete",
-    "raster-continuous",
-    "random-continuous",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class SizeSpec:
-    """One model size: a preset and overrides (e.g. a narrower trunk)."""
-
-    name: str
-    preset: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-SIZES: dict[str, SizeSpec] = {
-    "s": SizeSpec("s", "shapes-s"),
-    "m": SizeSpec("m", "shapes-m"),
-    "l": SizeSpec("l", "shapes-l"),
-}
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StudySettings:
-    """The study's grid and the recipe every run shares."""
-
-    # More scenes than the demo's default: twelve runs share the cost of building the world.
-    # 64 px (8x8 tokens) with the 300-step VAE: the world the README's study table was measured
-    # on, pinned here so it stays reproducible whatever the demo's world becomes.
-    world: WorldSettings = field(
-        default_factory=lambda: WorldSettings(
-            num_images=8000, image_size=64, layout="free", vae_steps=300
-        )
-    )
-    sizes: tuple[SizeSpec, ...] = tuple(SIZES.values())
-    variants: tuple[str, ...] = VARIANTS
-    steps: int = 300  # the same for every run
-    train: DemoSettings = field(
-        # The paper's objective and MAR's initialisation for every variant: no auxiliary
-        # readout loss (the study compares the variants' own losses) and std-0.02 positions
-        # (what the README's study table was measured with), unlike the demo's model.
-        default_factory=lambda: DemoSettings(
-            batch_size=32,  # the study table's batch, pinned like its world
-            cfg=3.0,  # and its sampling: MAR's temperature 1 with CFG 3
-            temperature=1.0,
-            num_prompts=48,
-            samples_per_prompt=2,
-            model={
-                "diffloss.diffusion_batch_mul": 1,
-                "diffloss.regression_weight": 0.0,
-                "backbone.pos_init": "normal",
-            },
-        )
-    )
-    val_batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.variants) - set(VARIANTS))
-        if unknown or not self.variants:
-            raise ValueError(
-                f"variants must be some of {list(VARIANTS)}; got {list(self.variants)}"
-            )
-        names = [s.name for s in self.sizes]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"sizes must be non-empty with unique names; got {names}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1; got {self.steps}")
-
-    def run_settings(self, size: SizeSpec) -> DemoSettings:
-        return dataclasses.replace(
-            self.train,
-            world=self.world,
-            preset=size.preset,
-            model={**self.train.model, **size.overrides},
-            steps=self.steps,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+__all__ = ["format_table", "run_study", "steps_for_budget"]
 
 
 def steps_for_budget(
@@ -146,8 +49,8 @@ def steps_for_budget(
     Times ``probe_steps`` optimisation steps (after one warm-up step) of the largest size of
     each token kind on real batches and leaves a quarter of the budget for evaluation.
     """
-    from .data import TrainLoader
-    from .model import FluidModel, TrainBatch
+    from ..data import TrainLoader
+    from ..model import FluidModel, TrainBatch
 
     slowest = 0.0
     size = max(settings.sizes, key=lambda s: FluidModel.count_params(settings.run_settings(s).model_config()).total)  # fmt: skip
@@ -173,8 +76,8 @@ def steps_for_budget(
 
 def _val_batches(shards: Sequence[str], batch_size: int) -> Iterator[Any]:
     """Held-out encoded samples in file order, as TrainBatches of ``batch_size`` (last partial)."""
-    from .data import decode_encoded_sample, iter_raw_samples
-    from .model import TrainBatch
+    from ..data import decode_encoded_sample, iter_raw_samples
+    from ..model import TrainBatch
 
     def collate(items: list[dict[str, torch.Tensor]]) -> TrainBatch:
         stack = {k: torch.stack([it[k] for it in items]) for k in items[0]}
@@ -196,7 +99,7 @@ def _validation_loss(
 ) -> tuple[float, float]:
     from fluid_eval.loss import validation_loss
 
-    from .model import FluidModel
+    from ..model import FluidModel
 
     model = FluidModel.from_pretrained(pipeline_dir, subfolder="model")
 
@@ -211,7 +114,7 @@ def _run_one(
     variant: str, size: SizeSpec, settings: StudySettings, world: World, out: Path, *,
     cache: Path, seed: int, log: Log, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    from .model import FluidModel
+    from ..model import FluidModel
 
     order, tokens = variant.split("-")
     run_settings = settings.run_settings(size)
@@ -274,7 +177,6 @@ def run_study(
     cache: str | os.PathLike | None = None,
     log: Log = print,
     progress: bool = False,
-    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train and measure every (variant, size) of ``settings`` not yet finished in ``out``; write
     the table, fits and figures; return the ``results.json`` payload.
@@ -290,8 +192,6 @@ def run_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / "cache"
-    torch.set_num_threads(threads or auto_threads())
-    torch.set_flush_denormal(True)  # see fluid_train.demo.run_demo
     tokens = sorted({v.split("-")[1] for v in settings.variants})
     world = build_world(cache, settings.world, seed=seed, tokens=tokens, stages=Stages(log))
 

@@ -1,0 +1,48 @@
+"""The shapes-world experiments: ``fluid demo`` (one model, end to end, in minutes) and ``fluid
+study`` (the paper's four variants over model sizes, in miniature).
+
+They use fluid-train's public API only (presets, the trainer, the pipeline, preprocessing):
+
+- ``settings``   the world, the demo's budgets and the study's grid (dataclasses, no torch)
+- ``cache``      the stage cache (entries keyed by their settings, built atomically)
+- ``world``      stages 1-4: data, tokenizers, text, encoded shards
+- ``evaluation`` GenEval, FID and chance levels of a trained pipeline; plots
+- ``demo``       ``run_demo``; ``study``: ``run_study``
+- ``machine``    process settings (threads) for the command line's entry
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "settings": (
+        "BUDGETS",
+        "SIZES",
+        "VARIANTS",
+        "DemoSettings",
+        "SizeSpec",
+        "StudySettings",
+        "WorldSettings",
+        "demo_settings",
+    ),
+    "cache": ("CacheEntry", "StageCache", "Stages"),
+    "world": ("World", "build_world"),
+    "evaluation": ("evaluate_pipeline", "plot_loss", "read_metrics"),
+    "demo": ("DemoReport", "run_demo", "train_model"),
+    "study": ("format_table", "run_study", "steps_for_budget"),
+    "machine": ("auto_threads", "configure_cpu"),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY_NAMES)
