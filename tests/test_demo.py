@@ -87,8 +87,9 @@ def test_report_structure_and_every_stage(demo_runs):
     # The model is laid out on the world's token grid: one token per 8x8 pixels.
     size = TINY.world.image_size
     model_config = json.loads((out / "run" / "pipeline" / "model" / "config.json").read_text())
-    assert model_config["grid"] == [size // 8, size // 8] and model_config["image_size"] == size
-    assert report["settings"]["model"]["grid"] == [size // 8, size // 8]
+    grid = [size // 8, size // 8]
+    assert model_config["backbone"]["grid"] == grid and model_config["image_size"] == size
+    assert report["settings"]["model"]["backbone.grid"] == [size // 8, size // 8]
     with Image.open(next((out / "generated").glob("*/samples/*.png"))) as image:
         assert image.size == (size, size)
     # The demo's model trains with the auxiliary readout loss and exports it.
@@ -192,7 +193,7 @@ def test_the_model_follows_the_worlds_token_layout():
     assert config.grid == (6, 6) and config.num_tokens == 36 and config.tokens == "discrete"
     assert config.backbone.pos_init == "sincos" and config.image_size == 48
     # `model` overrides beat the layout: a non-square grid of the same 36 tokens stays as set.
-    wide = {"grid": (3, 12), "backbone.grid": (3, 12)}
+    wide = {"backbone.grid": (3, 12)}
     own = DemoSettings(world=WorldSettings(image_size=48), model=wide)
     assert own.model_config().grid == (3, 12) and own.model_config().num_tokens == 36
 

@@ -42,7 +42,7 @@ SMOKE = {
     """,
     "backbone": """
         import torch, fluid_backbone as fb
-        cfg = fb.TransformerConfig(width=32, depth=2, num_heads=4, num_tokens=16)
+        cfg = fb.TransformerConfig(width=32, depth=2, num_heads=4, grid=(4, 4))
         trunk = fb.MaskedTransformer(cfg)
         h = trunk(torch.randn(2, 16, 32), torch.zeros(2, 16, dtype=torch.bool),
                   torch.randn(2, 3, 32), torch.ones(2, 3, dtype=torch.bool))

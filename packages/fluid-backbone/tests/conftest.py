@@ -13,7 +13,7 @@ TextFactory = Callable[..., tuple[Tensor, Tensor]]
 
 @pytest.fixture
 def config() -> TransformerConfig:
-    return TransformerConfig(width=32, depth=2, num_heads=4, num_tokens=8)
+    return TransformerConfig(width=32, depth=2, num_heads=4, grid=(1, 8))
 
 
 @pytest.fixture

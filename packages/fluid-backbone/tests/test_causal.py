@@ -62,7 +62,7 @@ def test_prefix_forward_equals_the_full_forward(setup):
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_kv_cached_decoding_equals_the_full_forward(qk_norm, make_text):
     torch.manual_seed(0)
-    config = TransformerConfig(width=48, depth=3, num_heads=4, num_tokens=10, qk_norm=qk_norm)
+    config = TransformerConfig(width=48, depth=3, num_heads=4, grid=(1, 10), qk_norm=qk_norm)
     model = CausalTransformer(config).eval()
     x = torch.randn(3, config.num_tokens, config.width)
     text, text_mask = make_text([5, 2, 3], 6, config.width)
@@ -139,7 +139,7 @@ def test_step_rejects_misuse(setup, config):
         model.step(x[:, k - 1 : k], cache)
     with pytest.raises(ValueError, match="cache is full"):
         model.step(x[:, :1], cache)
-    other = CausalTransformer(TransformerConfig(width=32, depth=3, num_heads=4, num_tokens=8))
+    other = CausalTransformer(TransformerConfig(width=32, depth=3, num_heads=4, grid=(1, 8)))
     with pytest.raises(ValueError, match="use this model's init_cache"):
         other.step(None, model.init_cache(3, text, text_mask))
     with pytest.raises(TypeError, match="cache must be a KVCache"):

@@ -6,21 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fluid_heads import DiffLossHead, DiffLossHeadConfig
+from fluid_heads import DiffLossConfig, DiffLossHead
 from fluid_heads.diffloss import timestep_embedding
 
 # --------------------------------------------------------------------------- architecture
-
-
-@pytest.mark.parametrize(
-    ("token_dim", "cond_dim", "width", "depth"),
-    [(16, 32, None, 3), (16, 24, 40, 3), (4, 8, 8, 1), (3, 5, 7, 6)],
-)
-def test_num_params_is_exact(token_dim, cond_dim, width, depth):
-    head = DiffLossHead(token_dim, cond_dim, width, depth)
-    assert DiffLossHead.num_params(token_dim, cond_dim, width, depth) == sum(
-        p.numel() for p in head.parameters()
-    )
 
 
 def test_structure_is_mar_simple_mlp_adaln():
@@ -57,7 +46,6 @@ def test_builds_on_the_meta_device_and_materialises_exactly():
     with torch.device("meta"):
         head = DiffLossHead(16, 64, depth=3)
     assert head.token_embed.weight.is_meta
-    assert sum(p.numel() for p in head.parameters()) == DiffLossHead.num_params(16, 64)
     head.to_empty(device="cpu")
     head.reset_parameters()
     reference = DiffLossHead(16, 64, depth=3)
@@ -80,10 +68,13 @@ def test_timestep_embedding_is_the_dit_sinusoid():
 
 
 def test_config_builds_the_same_head():
-    config = DiffLossHeadConfig(token_dim=4, cond_dim=8, width=12, depth=2, batch_mul=2)
-    head = config.build()
-    assert head.config == config and head.width == 12 and head.batch_mul == 2
-    assert sum(p.numel() for p in head.parameters()) == DiffLossHead.num_params(4, 8, 12, 2)
+    config = DiffLossConfig(width=12, depth=2, diffusion_batch_mul=2)
+    head = DiffLossHead.from_config(4, 8, config)
+    assert head.config == config and head.width == 12
+    by_args = DiffLossHead(4, 8, width=12, depth=2, batch_mul=2)  # DESIGN.md §12's signature
+    assert by_args.config == config
+    assert [p.shape for p in head.parameters()] == [p.shape for p in by_args.parameters()]
+    assert DiffLossHead(4, 8).width == 8  # None: the condition width
 
 
 def test_bad_arguments_are_named():
@@ -93,6 +84,10 @@ def test_bad_arguments_are_named():
         DiffLossHead(4, 8, sample_steps=2000)
     with pytest.raises(ValueError, match="x0_bound"):
         DiffLossHead(4, 8, x0_bound=-1.0)
+    with pytest.raises(ValueError, match="diffusion_batch_mul"):
+        DiffLossConfig(diffusion_batch_mul=0)
+    with pytest.raises(TypeError, match="DiffLossConfig"):
+        DiffLossHead.from_config(4, 8, {"depth": 3})
 
 
 def test_no_weight_decay_covers_exactly_the_diffusion_mlp():
@@ -336,11 +331,10 @@ def test_regression_readout_exists_only_when_weighted_and_is_counted():
     assert DiffLossHead(16, 32).readout is None
     head = DiffLossHead(16, 32, regression_weight=0.5)
     assert head.readout.weight.shape == (16, 32)
-    assert DiffLossHead.num_params(16, 32, regression_weight=0.5) == sum(
-        p.numel() for p in head.parameters()
-    )
+    plain = sum(p.numel() for p in DiffLossHead(16, 32).parameters())
+    assert sum(p.numel() for p in head.parameters()) == plain + 32 * 16 + 16  # the readout
     assert (
-        DiffLossHeadConfig(token_dim=16, cond_dim=32, regression_weight=0.5).build().readout
+        DiffLossHead.from_config(16, 32, DiffLossConfig(regression_weight=0.5)).readout
         is not None
     )
     with pytest.raises(ValueError, match="regression_weight"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fluid_heads import SoftmaxHead, SoftmaxHeadConfig, TokenSample
+from fluid_heads import SoftmaxHead, TokenSample
 
 
 def _head(vocab: int = 7, width: int = 5, seed: int = 0) -> SoftmaxHead:
@@ -20,26 +20,23 @@ def test_one_tied_weight_tensor():
     head = SoftmaxHead(11, 6)
     params = dict(head.named_parameters())
     assert set(params) == {"embedding.weight", "output_bias"}
-    assert params["embedding.weight"].shape == (12, 6)  # vocab + the mask id
+    # one row per code, no mask id: the masked trunk has its own mask token
+    assert params["embedding.weight"].shape == (11, 6)
     assert params["output_bias"].shape == (11,)
-    assert sum(p.numel() for p in head.parameters()) == SoftmaxHead.num_params(11, 6)
-    assert head.mask_id == 11
-    # the output projection is a view of the input embedding, not a copy
+    # the output projection is the input embedding itself, not a copy
     h = torch.randn(3, 6, requires_grad=False)
     logits = head.logits(h)
     (grad,) = torch.autograd.grad(logits.sum(), head.embedding.weight)
-    assert torch.count_nonzero(grad[:11].abs().sum(1)) == 11 and torch.count_nonzero(grad[11]) == 0
+    assert torch.count_nonzero(grad.abs().sum(1)) == 11
     with torch.no_grad():
         head.embedding.weight[4].add_(1.0)
     torch.testing.assert_close(head.logits(h)[:, 4], logits[:, 4].detach() + h.sum(1))
-    weight = head.embedding.weight
-    assert weight[: head.vocab_size].data_ptr() == weight.data_ptr()
 
 
 def test_builds_on_the_meta_device():
     with torch.device("meta"):
         head = SoftmaxHead(8192, 32)
-    assert sum(p.numel() for p in head.parameters()) == SoftmaxHead.num_params(8192, 32)
+    assert sum(p.numel() for p in head.parameters()) == 8192 * 32 + 8192  # tied matrix + bias
     head.to_empty(device="cpu")
     head.reset_parameters()
     assert head.embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
@@ -48,10 +45,10 @@ def test_builds_on_the_meta_device():
 
 def test_embed_and_logits_formula():
     head = _head()
-    ids = torch.tensor([[0, 7, 3]])  # 7 = mask id
+    ids = torch.tensor([[0, 6, 3]])
     torch.testing.assert_close(head.embed(ids), head.embedding.weight[ids])
     h = torch.randn(4, 5)
-    expected = h @ head.embedding.weight[:7].T + head.output_bias
+    expected = h @ head.embedding.weight.T + head.output_bias
     torch.testing.assert_close(head.logits(h), expected)
     assert head.logits(torch.randn(2, 3, 5)).shape == (2, 3, 7)
     with pytest.raises(ValueError, match="ids must be an int64"):
@@ -60,11 +57,8 @@ def test_embed_and_logits_formula():
         head.logits(torch.randn(4, 6))
 
 
-def test_config_builds_the_same_head():
-    config = SoftmaxHeadConfig(vocab_size=9, width=4)
-    head = config.build()
-    assert head.config == config and head.embedding.weight.shape == (10, 4)
-    assert head.no_weight_decay() == {"output_bias"}
+def test_only_the_output_bias_escapes_weight_decay():
+    assert SoftmaxHead(9, 4).no_weight_decay() == {"output_bias"}
 
 
 def test_loss_is_masked_cross_entropy():

@@ -26,18 +26,16 @@ def padded_batch(lengths: list[int], pad_to: int, dim: int = 24, fill: float = f
     return hidden, mask
 
 
-def test_default_has_six_blocks_and_exact_param_count():
+def test_default_has_six_trainable_blocks_and_builds_on_meta():
     aligner = make_aligner()
     assert aligner.config.depth == 6 and len(aligner.blocks) == 6
-    assert TextAligner.num_params(aligner.config) == sum(p.numel() for p in aligner.parameters())
-    for config in [
-        AlignerConfig(text_dim=40, width=48, depth=2, num_heads=3, mlp_ratio=2.5),
-        AlignerConfig(text_dim=4096, width=768, num_heads=12),  # fluid-166m's aligner
-    ]:
-        with torch.device("meta"):
-            built = TextAligner(config)
-        assert TextAligner.num_params(config) == sum(p.numel() for p in built.parameters())
     assert all(p.requires_grad for p in aligner.parameters())
+    # fluid-166m's aligner, counted without allocating: the input projection 4096 -> 768 and
+    # six blocks of ~12 W^2 dominate.
+    with torch.device("meta"):
+        built = TextAligner(AlignerConfig(text_dim=4096, width=768, num_heads=12))
+    count = sum(p.numel() for p in built.parameters())
+    assert 4096 * 768 + 6 * 12 * 768**2 < count < 1.01 * (4096 * 768 + 6 * 12 * 768**2)
 
 
 def test_shapes_and_padded_outputs_are_zero():
@@ -129,5 +127,5 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="depth must be a positive int"):
         AlignerConfig(text_dim=8, width=32, num_heads=4, depth=0)
     assert isinstance(
-        AlignerConfig(text_dim=8, width=32, num_heads=4, depth=1).build(), TextAligner
+        TextAligner(AlignerConfig(text_dim=8, width=32, num_heads=4, depth=1)), TextAligner
     )

@@ -34,11 +34,10 @@ def make_tiny_config(
     config = FluidConfig(
         tokens=tokens,
         order=order,
-        backbone=TransformerConfig(width=32, depth=2, num_heads=2, num_tokens=16),
+        backbone=TransformerConfig(width=32, depth=2, num_heads=2, grid=(4, 4)),
         aligner=AlignerConfig(text_dim=text_dim, width=32, depth=1, num_heads=2),
         diffloss=DiffLossConfig(depth=1, width=32, train_steps=1000, sample_steps=10),
         generation=GenerationConfig(num_steps=4, cfg=2.0),
-        grid=(4, 4),
         token_dim=4,
         vocab_size=32,
         image_size=16,

@@ -66,3 +66,32 @@ def test_lazy_names_resolve_to_their_modules():
             assert getattr(package, name) is not None, f"{package.__name__}.{name}"
     with pytest.raises(AttributeError, match="no_such_name"):
         fluid_train.no_such_name  # noqa: B018
+
+
+def test_configs_and_presets_need_no_torch():
+    loaded = _modules_after(
+        "from fluid_train.config import TrainConfig\n"
+        "config = TrainConfig.from_dict({'out': 'r', 'preset': 'shapes-s', 'model': {'backbone.depth': 2}})\n"
+        "assert config.model.backbone.depth == 2\n"
+    )
+    assert loaded == set()
+
+
+def test_train_flags_are_the_config_fields_with_their_defaults():
+    import argparse
+    import dataclasses
+
+    from fluid_train.cli import build_parser
+    from fluid_train.config import OptimizerConfig, TrainConfig
+
+    parser = build_parser()
+    train = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    documented = [f.name for f in dataclasses.fields(TrainConfig) if "help" in f.metadata]
+    assert set(documented) <= set(flags)  # every documented field has its flag
+    assert flags["optim.lr"].option_strings == ["--lr"]
+    assert f"(default: {OptimizerConfig().lr})" in flags["optim.lr"].help
+    assert flags["precision"].choices == ("auto", "fp32", "bf16")  # from the Literal
+    assert flags["progress"].option_strings == ["--no-progress"]

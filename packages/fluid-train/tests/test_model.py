@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -185,18 +186,24 @@ def test_bad_batches_are_rejected_with_the_expected_shape(tiny_config, tiny_trai
 
 def test_config_validation_and_overrides(tiny_config):
     config = tiny_config()
-    with pytest.raises(ValueError, match="grid"):
-        config.replace(grid=(3, 4))
+    with pytest.raises(ValueError, match="unknown FluidConfig key"):
+        config.replace(grid=(3, 4))  # the grid is the trunk's: backbone.grid
     with pytest.raises(ValueError, match="aligner.width"):
         config.replace(**{"aligner.width": 64})
     with pytest.raises(ValueError, match="tokens must be"):
         config.replace(tokens="pixels")
-    with pytest.raises(ValueError, match="unknown backbone field"):
+    with pytest.raises(ValueError, match="unknown TransformerConfig key.*backbone.widht"):
         config.replace(**{"backbone.widht": 64})
+    with pytest.raises(ValueError, match="backbone.depth must be an integer; got 'deep'"):
+        config.replace(**{"backbone.depth": "deep"})
+    with pytest.raises(ValueError, match=r"diffloss.x0_bound must be a number"):
+        config.replace(**{"diffloss.x0_bound": [1]})
     changed = config.replace(order="raster", **{"backbone.depth": 3, "generation.cfg": 4.0})
     assert (changed.order, changed.backbone.depth, changed.generation.cfg) == ("raster", 3, 4.0)
     assert config.backbone.depth == 2  # the original is untouched
     assert FluidConfig.from_dict(changed.to_dict()) == changed
+    regrid = config.replace(**{"backbone.grid": [2, 8]})  # JSON gives lists
+    assert (regrid.grid, regrid.num_tokens) == ((2, 8), 16)  # one fact: backbone.grid
 
 
 def test_meta_count_matches_a_real_model_and_the_components(variant, tiny_config):
@@ -205,16 +212,9 @@ def test_meta_count_matches_a_real_model_and_the_components(variant, tiny_config
     counts = FluidModel.count_params(config)
     real = FluidModel(config)
     assert counts.total == sum(p.numel() for p in real.parameters())
-    head = (
-        DiffLossHead.num_params(
-            config.token_dim, config.width, config.diffloss.width, config.diffloss.depth
-        )
-        if tokens == "continuous"
-        else SoftmaxHead.num_params(config.vocab_size, config.width)
-    )
-    assert counts.head == head
-    assert counts.text_aligner == TextAligner.num_params(config.aligner)
-    assert counts.trunk == type(real.trunk).num_params(config.backbone)
+    for name in ("text_aligner", "trunk", "head"):
+        part = getattr(real, name)
+        assert getattr(counts, name) == sum(p.numel() for p in part.parameters()), name
 
 
 @pytest.mark.parametrize(("tokens", "order"), [("continuous", "random"), ("discrete", "raster")])
@@ -268,9 +268,22 @@ def test_regression_weight_builds_trains_and_round_trips_the_readout(
     assert FluidModel(tiny_config("continuous", order)).head.readout is None
 
 
-def test_backbone_position_layout_must_match_the_token_grid(tiny_config):
+def test_format_1_configs_still_load(tmp_path, tiny_config):
+    """Configs saved before the grid moved into backbone.grid (format 1) load unchanged."""
+    torch.manual_seed(0)
     config = tiny_config()
-    rows, cols = config.grid
-    with pytest.raises(ValueError, match="positions out as"):
-        config.replace(**{"backbone.grid": (cols * rows, 1)})
-    assert config.replace(**{"backbone.grid": (rows, cols)}).backbone.token_grid == (rows, cols)
+    FluidModel(config).save_pretrained(tmp_path / "model")
+    path = tmp_path / "model" / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["_format"] == 2 and "grid" not in saved
+    del saved["_format"]  # as fluid-train 0.1.0 wrote it
+    saved["grid"] = saved["backbone"].pop("grid")
+    saved["backbone"]["num_tokens"] = 16
+    saved["backbone"]["grid"] = None
+    path.write_text(json.dumps(saved))
+    assert FluidModel.from_pretrained(tmp_path, subfolder="model").config == config
+    saved["backbone"]["num_tokens"] = 12
+    with pytest.raises(ValueError, match="does not hold backbone.num_tokens"):
+        FluidConfig.from_dict(saved)
+    with pytest.raises(ValueError, match="newer"):
+        FluidConfig.from_dict({**config.to_dict(), "_format": 99})

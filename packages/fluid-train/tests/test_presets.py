@@ -155,8 +155,8 @@ def test_train_flops_scale_with_model_size():
 
 
 def test_token_layout():
-    assert token_layout(64) == {"image_size": 64, "grid": (8, 8), "backbone.num_tokens": 64}
-    assert token_layout(32)["grid"] == (4, 4)
+    assert token_layout(64) == {"image_size": 64, "backbone.grid": (8, 8)}
+    assert token_layout(32)["backbone.grid"] == (4, 4)
     for bad in (0, 20, 33.0):
         with pytest.raises(ValueError, match="image_size"):
             token_layout(bad)
@@ -170,7 +170,7 @@ def test_token_layout_is_the_shapes_tokenizers_grid(image_size):
     """One token per 8x8 pixels is a fact about the shapes tokenizers: checked against them."""
     import fluid_tokenizers as ft
 
-    grid = token_layout(image_size)["grid"]
+    grid = token_layout(image_size)["backbone.grid"]
     vae = ft.SDVAETokenizer.from_config(ft.shapes_vae_config(), image_size=image_size)
     vq = ft.VQTokenizer.from_config(ft.shapes_vq_config(), image_size=image_size)
     assert tuple(vae.grid) == grid and tuple(vq.spec.grid) == grid

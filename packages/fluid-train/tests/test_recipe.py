@@ -12,6 +12,7 @@ import torch
 from fluid_train.cli import train as train_cli
 from fluid_train.ema import EMA
 from fluid_train.model import FluidModel
+from fluid_train.presets import get_preset
 from fluid_train.recipe import (
     DataConfig,
     ScheduleConfig,
@@ -73,7 +74,10 @@ def test_cli_flags_override_the_config_file(tmp_path):
     assert config.steps == 7 and config.optim.lr == 2e-4  # flag wins; file kept
     assert config.data.memory_mb == 256 and config.data.shards == ["x"]
     assert config.optim.grad_clip is None and config.schedule.warmup_steps == 10
-    assert config.model == {"tokens": "discrete", "backbone.depth": 3}
+    assert (config.model.tokens, config.model.backbone.depth) == ("discrete", 3)
+    assert config.model.replace(tokens="continuous", **{"backbone.depth": 2}) == get_preset(
+        config.preset
+    )  # every other field is the preset's
     with pytest.raises(ValueError, match="--out"):
         train_cli.build_train_config(parser.parse_args(["train", "--data", "x"]))
     assert args.func is train_cli.run_train

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -292,7 +293,7 @@ def test_preprocess_then_train_from_the_command_line(tmp_path, parts, capsys):
 
 def _model_overrides(config) -> dict:
     """Dotted overrides turning the debug preset into ``config`` (as a --config file holds them)."""
-    values = config.to_dict()
+    values = dataclasses.asdict(config)
     out = {}
     for key, value in values.items():
         if isinstance(value, dict):

@@ -46,11 +46,6 @@ class CausalTransformer(Trunk):
         self.start_token = nn.Parameter(torch.zeros(1, 1, config.width))  # [1, 1, D]
         self._init_parameters(self.start_token)
 
-    @staticmethod
-    def num_params(config: TransformerConfig) -> int:
-        """Exact trainable parameter count: blocks, positions, final norm, start token."""
-        return Trunk._shared_num_params(config)
-
     def forward(
         self,
         x: Tensor,

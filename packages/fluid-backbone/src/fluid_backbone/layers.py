@@ -21,95 +21,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from .config import TransformerConfig
 
 SelfAttentionKind = Literal["bidirectional", "causal"]
-PosInit = Literal["normal", "sincos"]
-
-
-@dataclass(kw_only=True, slots=True)
-class TransformerConfig:
-    """Size of a trunk. ``num_tokens`` is the image token count N (learned positions).
-
-    ``pos_init`` sets where the learned positions start: ``"normal"`` (MAR's truncated normal,
-    std 0.02) or ``"sincos"`` (MAE's fixed 2-D sine-cosine table over ``grid`` rows x columns,
-    at unit scale; ``grid=None`` means a square grid). At std 0.02 the positions are ~30x
-    smaller than the token embeddings, and a short run never learns where a token is; the
-    sin-cos start gives attention a notion of neighbourhood from the first step.
-    """
-
-    width: int
-    depth: int
-    num_heads: int
-    num_tokens: int
-    mlp_ratio: float = 4.0
-    qk_norm: bool = False  # LayerNorm over each head's queries and keys (self and cross)
-    dropout: float = 0.0  # attention probabilities, output projections and MLP
-    norm_eps: float = 1e-6
-    pos_init: PosInit = "normal"
-    grid: tuple[int, int] | None = None  # rows x columns of the N tokens (for "sincos")
-
-    def __post_init__(self) -> None:
-        for name in ("width", "depth", "num_heads", "num_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TransformerConfig.{name} must be a positive int; got {value!r}")
-        if self.width % self.num_heads:
-            raise ValueError(
-                f"TransformerConfig.width ({self.width}) must be divisible by "
-                f"num_heads ({self.num_heads})"
-            )
-        if not self.mlp_ratio > 0 or int(self.width * self.mlp_ratio) < 1:
-            raise ValueError(
-                f"TransformerConfig.mlp_ratio must give an MLP width >= 1; got {self.mlp_ratio!r}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TransformerConfig.dropout must be in [0, 1); got {self.dropout!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"TransformerConfig.norm_eps must be > 0; got {self.norm_eps!r}")
-        if self.pos_init not in ("normal", "sincos"):
-            raise ValueError(
-                f"TransformerConfig.pos_init must be 'normal' or 'sincos'; got {self.pos_init!r}"
-            )
-        if self.grid is not None:
-            self.grid = tuple(self.grid)  # a JSON list becomes the tuple
-            if len(self.grid) != 2 or self.grid[0] * self.grid[1] != self.num_tokens:
-                raise ValueError(
-                    f"TransformerConfig.grid must be (rows, columns) with rows * columns = "
-                    f"num_tokens ({self.num_tokens}); got {self.grid!r}"
-                )
-        if self.pos_init == "sincos":
-            if self.width % 4:
-                raise ValueError(
-                    f"TransformerConfig.pos_init='sincos' needs a width divisible by 4; "
-                    f"got {self.width}"
-                )
-            if self.grid is None and _square_side(self.num_tokens) is None:
-                raise ValueError(
-                    f"TransformerConfig.pos_init='sincos' needs grid=(rows, columns) when "
-                    f"num_tokens ({self.num_tokens}) is not a square"
-                )
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @property
-    def mlp_width(self) -> int:
-        return int(self.width * self.mlp_ratio)
-
-    @property
-    def token_grid(self) -> tuple[int, int] | None:
-        """Rows x columns of the image tokens: ``grid``, else the square of N, else None."""
-        if self.grid is not None:
-            return self.grid
-        side = _square_side(self.num_tokens)
-        return None if side is None else (side, side)
-
-
-def _square_side(n: int) -> int | None:
-    side = round(n**0.5)
-    return side if side * side == n else None
 
 
 def sincos_2d(rows: int, columns: int, dim: int) -> Tensor:
@@ -130,17 +45,6 @@ def sincos_2d(rows: int, columns: int, dim: int) -> Tensor:
         angles = coord.reshape(-1, 1) * omega[None]  # [R*C, dim/4]
         parts += [torch.sin(angles), torch.cos(angles)]
     return torch.cat(parts, dim=1).float()  # [R*C, dim]
-
-
-def block_num_params(config: TransformerConfig) -> int:
-    """Exact parameter count of one :class:`Block`."""
-    d, m, hd = config.width, config.mlp_width, config.head_dim
-    norms = 3 * 2 * d  # norm1, norm2, norm3 (weight + bias)
-    self_attn = (3 * d * d + 3 * d) + (d * d + d)  # fused qkv + output projection
-    cross_attn = (d * d + d) + (2 * d * d + 2 * d) + (d * d + d)  # q, fused kv, projection
-    qk_norms = 2 * (2 * 2 * hd) if config.qk_norm else 0  # q and k LayerNorm in both attentions
-    mlp = (d * m + m) + (m * d + d)
-    return norms + self_attn + cross_attn + qk_norms + mlp
 
 
 @dataclass(kw_only=True, slots=True)
@@ -363,23 +267,15 @@ class Trunk(nn.Module):
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"config must be a TransformerConfig; got {type(config).__name__}")
         self.config = config
-        # Set by the trainer: recompute each block's activations in the backward pass.
-        self.grad_checkpointing = False
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, config.width))  # [1, N, D]
         self.blocks = nn.ModuleList(
             Block(config, self_attention=self_attention) for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(config.width, eps=config.norm_eps)
 
-    @staticmethod
-    def _shared_num_params(config: TransformerConfig) -> int:
-        # blocks + positions [N, D] + final norm + one learned [D] token (mask or start)
-        d = config.width
-        return config.depth * block_num_params(config) + config.num_tokens * d + 2 * d + d
-
     def _init_parameters(self, token: nn.Parameter) -> None:
         if self.config.pos_init == "sincos":
-            rows, columns = self.config.token_grid  # validated: sincos has a grid
+            rows, columns = self.config.grid
             with torch.no_grad():
                 self.pos_embed.copy_(sincos_2d(rows, columns, self.config.width)[None])
         else:
@@ -443,8 +339,6 @@ class Trunk(nn.Module):
         return x.shape[0], x.shape[1]
 
     def _run_blocks(self, h: Tensor, text_kv: TextKV) -> Tensor:  # h [B, N, D]
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block, k, v in zip(self.blocks, text_kv.keys, text_kv.values, strict=True):
-            args = (h, k, v, text_kv.attn_mask, text_kv.has_text)
-            h = checkpoint(block, *args, use_reentrant=False) if use_checkpoint else block(*args)
+            h = block(h, k, v, text_kv.attn_mask, text_kv.has_text)
         return self.norm(h)  # [B, N, D]

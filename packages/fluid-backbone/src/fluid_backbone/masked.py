@@ -28,11 +28,6 @@ class MaskedTransformer(Trunk):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.width))  # [1, 1, D]
         self._init_parameters(self.mask_token)
 
-    @staticmethod
-    def num_params(config: TransformerConfig) -> int:
-        """Exact trainable parameter count: blocks, positions, final norm, mask token."""
-        return Trunk._shared_num_params(config)
-
     def forward(
         self,
         x: Tensor,

@@ -127,7 +127,13 @@ _LAZY = {
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 
 
+# Submodules reachable as attributes (``fluid_eval.shapes``), loaded on first access too.
+_SUBMODULES = ("clip_score", "detector", "fid", "geneval", "loss", "scaling", "shapes")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY_NAMES:
         return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'fluid_eval' has no attribute {name!r}")

@@ -5,7 +5,7 @@ continuous token x given z with a per-token diffusion loss, and samples it with 
 ancestral steps. It also owns the continuous token input embedding, so a trunk never needs to
 know whether its tokens are discrete or continuous.
 
-Sizes (W = width, C = token_dim, D = cond_dim; ``DiffLossHead.num_params``):
+Sizes (W = width, C = token_dim, D = cond_dim):
     token embedding   C·D + D
     input projection  C·W + W
     time embedding    256·W + W + W² + W
@@ -18,14 +18,14 @@ Sizes (W = width, C = token_dim, D = cond_dim; ``DiffLossHead.num_params``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .config import DiffLossConfig
 from .diffusion import GaussianDiffusion, create_diffusion
 
-__all__ = ["DiffLossHead", "DiffLossHeadConfig", "DiffLossMLP"]
+__all__ = ["DiffLossHead", "DiffLossMLP"]
 
 FREQUENCY_DIM = 256  # sinusoidal timestep features, as DiT/MAR
 
@@ -129,34 +129,6 @@ class DiffLossMLP(nn.Module):
         return self.final_layer(h, y)  # [B, 2C]
 
 
-@dataclass(kw_only=True, slots=True)
-class DiffLossHeadConfig:
-    """Everything that defines a ``DiffLossHead``; ``build()`` makes one."""
-
-    token_dim: int
-    cond_dim: int
-    width: int | None = None  # None: the trunk width (cond_dim)
-    depth: int = 3
-    train_steps: int = 1000
-    sample_steps: int = 100
-    batch_mul: int = 4
-    x0_bound: float | None = None  # None: the tracked max |target|; inf: no clamp
-    regression_weight: float = 0.0  # auxiliary z -> token MSE; 0 = the paper's loss
-
-    def build(self) -> DiffLossHead:
-        return DiffLossHead(
-            self.token_dim,
-            self.cond_dim,
-            width=self.width,
-            depth=self.depth,
-            train_steps=self.train_steps,
-            sample_steps=self.sample_steps,
-            batch_mul=self.batch_mul,
-            x0_bound=self.x0_bound,
-            regression_weight=self.regression_weight,
-        )
-
-
 def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
     """Mean of ``values [M]``, weighted by ``weights [M]`` when given (fixed shapes, no sync)."""
     if weights is None:
@@ -209,50 +181,56 @@ class DiffLossHead(nn.Module):
         regression_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in [
-            ("token_dim", token_dim),
-            ("cond_dim", cond_dim),
-            ("depth", depth),
-            ("batch_mul", batch_mul),
-            ("sample_steps", sample_steps),
-        ]:
-            if not isinstance(value, int) or value < 1:
+        for name, value in [("token_dim", token_dim), ("cond_dim", cond_dim)]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if width is not None and (not isinstance(width, int) or width < 1):
-            raise ValueError(f"width must be a positive int or None; got {width!r}")
-        if x0_bound is not None and not x0_bound > 0:
-            raise ValueError(f"x0_bound must be > 0, float('inf') or None; got {x0_bound!r}")
-        if not (math.isfinite(regression_weight) and regression_weight >= 0):
-            raise ValueError(
-                f"regression_weight must be a finite number >= 0; got {regression_weight!r}"
-            )
-        if sample_steps > train_steps:
-            raise ValueError(
-                f"sample_steps ({sample_steps}) must be <= train_steps ({train_steps})"
-            )
-        self.config = DiffLossHeadConfig(
-            token_dim=token_dim, cond_dim=cond_dim, width=width, depth=depth,
-            train_steps=train_steps, sample_steps=sample_steps, batch_mul=batch_mul,
-            x0_bound=x0_bound, regression_weight=float(regression_weight),
+        # The one place MAR's argument name ``batch_mul`` (DESIGN.md §12) meets the config's.
+        self.config = DiffLossConfig(
+            depth=depth, width=width, train_steps=train_steps, sample_steps=sample_steps,
+            diffusion_batch_mul=batch_mul, x0_bound=x0_bound, regression_weight=regression_weight,
         )  # fmt: skip
-        self.token_dim = token_dim
-        self.cond_dim = cond_dim
-        self.width = width or cond_dim
-        self.depth = depth
-        self.batch_mul = batch_mul
-        self.x0_bound = x0_bound
-        self.regression_weight = float(regression_weight)
+        self.token_dim = token_dim  # C, from the tokenizer
+        self.cond_dim = cond_dim  # D, from the trunk
+        mlp_width = width or cond_dim
 
         # The continuous token input embedding (MAR's z_proj): [B, N, C] -> [B, N, D].
         self.token_embed = nn.Linear(token_dim, cond_dim)
-        self.net = DiffLossMLP(token_dim, cond_dim, self.width, depth)
+        self.net = DiffLossMLP(token_dim, cond_dim, mlp_width, depth)
         # Auxiliary readout z -> token (regression_weight > 0 only: no parameters otherwise).
-        self.readout = nn.Linear(cond_dim, token_dim) if self.regression_weight > 0 else None
+        self.readout = nn.Linear(cond_dim, token_dim) if regression_weight > 0 else None
         self.train_diffusion: GaussianDiffusion = create_diffusion(train_steps)
         self.sample_diffusion: GaussianDiffusion = create_diffusion(train_steps, str(sample_steps))
         # Running max |target| over the rows that counted in training (0 = nothing seen yet).
         self.register_buffer("target_abs_max", torch.zeros(()))
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, token_dim: int, cond_dim: int, config: DiffLossConfig) -> DiffLossHead:
+        """A head for C = ``token_dim`` channels conditioned on D = ``cond_dim`` with ``config``."""
+        if not isinstance(config, DiffLossConfig):
+            raise TypeError(f"config must be a DiffLossConfig; got {type(config).__name__}")
+        return cls(
+            token_dim, cond_dim, width=config.width, depth=config.depth,
+            train_steps=config.train_steps, sample_steps=config.sample_steps,
+            batch_mul=config.diffusion_batch_mul, x0_bound=config.x0_bound,
+            regression_weight=config.regression_weight,
+        )  # fmt: skip
+
+    @property
+    def width(self) -> int:
+        """W, the MLP width (``config.width``, else the condition width)."""
+        return self.config.width or self.cond_dim
+
+    @property
+    def x0_bound(self) -> float | None:
+        """The sampling clamp of x0 (``config.x0_bound``); settable on a trained head."""
+        return self.config.x0_bound
+
+    @x0_bound.setter
+    def x0_bound(self, value: float | None) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"x0_bound must be > 0, float('inf') or None; got {value!r}")
+        self.config.x0_bound = value
 
     def reset_parameters(self) -> None:
         """MAR's initialisation, and a fresh (empty) target range: call after ``to_empty``."""
@@ -264,27 +242,6 @@ class DiffLossHead(nn.Module):
         self.net.reset_parameters()
         with torch.no_grad():
             self.target_abs_max.zero_()
-
-    @staticmethod
-    def num_params(
-        token_dim: int,
-        cond_dim: int,
-        width: int | None = None,
-        depth: int = 3,
-        *,
-        regression_weight: float = 0.0,
-    ) -> int:
-        """Exact parameter count of ``DiffLossHead(token_dim, cond_dim, width, depth, ...)``."""
-        c, d, w = token_dim, cond_dim, width or cond_dim
-        embed = c * d + d + (d * c + c if regression_weight > 0 else 0)
-        mlp = (
-            (c * w + w)  # input projection
-            + (FREQUENCY_DIM * w + w + w * w + w)  # time embedding
-            + (d * w + w)  # cond projection
-            + depth * (3 * w * w + 3 * w + 2 * (w * w + w) + 2 * w)  # residual blocks
-            + (2 * w * w + 2 * w + 2 * c * w + 2 * c)  # final layer
-        )
-        return embed + mlp
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this head) to exclude from weight decay.
@@ -320,8 +277,8 @@ class DiffLossHead(nn.Module):
         regression = None
         if self.readout is not None:
             error = (self.readout(z).float() - target.float()).pow(2).mean(dim=1)  # [M]
-            regression = self.regression_weight * _weighted_mean(error, weights)
-        k = self.batch_mul
+            regression = self.config.regression_weight * _weighted_mean(error, weights)
+        k = self.config.diffusion_batch_mul
         # Tile, as MAR: k copies of every (target, z) row, each with its own t and noise.
         target = target.repeat(k, 1)  # [k·M, C]
         z = z.repeat(k, 1)  # [k·M, D]

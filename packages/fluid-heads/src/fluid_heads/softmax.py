@@ -1,11 +1,10 @@
 """The softmax head for discrete tokens: input embedding tied to the output projection.
 
-One ``nn.Embedding(vocab_size + 1, width)`` serves both sides: rows ``0 .. vocab_size - 1``
-embed the codebook ids and, transposed, give the logits ``h @ E[:vocab]^T + b``; the extra
-row ``vocab_size`` is the mask id the masked (random-order) trunk reads at hidden positions.
-The head never predicts the mask id.
+One ``nn.Embedding(vocab_size, width)`` serves both sides: it embeds the codebook ids and,
+transposed, gives the logits ``h @ E^T + b``. There is no mask id: the masked (random-order)
+trunk puts its own learned mask token at hidden positions, whatever id they hold.
 
-Size (V = vocab_size, W = width): (V + 1)·W embedding + V output bias.
+Size (V = vocab_size, W = width): V·W embedding + V output bias.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SoftmaxHead", "SoftmaxHeadConfig", "TokenSample"]
+__all__ = ["SoftmaxHead", "TokenSample"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,22 +29,11 @@ class TokenSample:
     logprob: Tensor
 
 
-@dataclass(kw_only=True, slots=True)
-class SoftmaxHeadConfig:
-    """Everything that defines a ``SoftmaxHead``; ``build()`` makes one."""
-
-    vocab_size: int
-    width: int
-
-    def build(self) -> SoftmaxHead:
-        return SoftmaxHead(self.vocab_size, self.width)
-
-
 class SoftmaxHead(nn.Module):
     """Tied softmax head: ``embed``, ``logits``, ``loss``, ``sample``.
 
     Args:
-        vocab_size: codebook size V (8192 for the paper's VQ); the mask id is V.
+        vocab_size: codebook size V (8192 for the paper's VQ).
         width: trunk width W.
     """
 
@@ -54,10 +42,9 @@ class SoftmaxHead(nn.Module):
         for name, value in [("vocab_size", vocab_size), ("width", width)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
-        self.config = SoftmaxHeadConfig(vocab_size=vocab_size, width=width)
         self.vocab_size = vocab_size
         self.width = width
-        self.embedding = nn.Embedding(vocab_size + 1, width)  # [V + 1, W]; row V = mask
+        self.embedding = nn.Embedding(vocab_size, width)  # [V, W], tied with the logits
         self.output_bias = nn.Parameter(torch.empty(vocab_size))  # [V]
         self.reset_parameters()
 
@@ -65,15 +52,6 @@ class SoftmaxHead(nn.Module):
         """Embedding N(0, 0.02²) (BERT / MaskGIT), zero bias; call after ``to_empty``."""
         nn.init.normal_(self.embedding.weight, std=0.02)
         nn.init.zeros_(self.output_bias)
-
-    @property
-    def mask_id(self) -> int:
-        return self.vocab_size
-
-    @staticmethod
-    def num_params(vocab_size: int, width: int) -> int:
-        """Exact parameter count of ``SoftmaxHead(vocab_size, width)``."""
-        return (vocab_size + 1) * width + vocab_size
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this head) to exclude from weight decay: the output
@@ -92,7 +70,7 @@ class SoftmaxHead(nn.Module):
         """Trunk outputs ``[..., W]`` -> logits ``[..., V]`` over the codebook (no mask id)."""
         if h.shape[-1] != self.width:
             raise ValueError(f"h must be [..., {self.width}]; got {list(h.shape)}")
-        weight = self.embedding.weight[: self.vocab_size]  # [V, W], a view of the tied matrix
+        weight = self.embedding.weight  # [V, W], the tied matrix
         return F.linear(h.to(weight.dtype), weight, self.output_bias)
 
     def loss(self, target: Tensor, h: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -16,44 +16,12 @@ Everything is fixed-shape (no boolean indexing, no ``.item()``), so it traces on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import AlignerConfig
 from .states import TextStates
-
-
-@dataclass(kw_only=True, slots=True)
-class AlignerConfig:
-    text_dim: int  # width of the incoming text states (T5 d_model: 4096 for XXL)
-    width: int  # model width the states are projected to
-    depth: int = 6
-    num_heads: int
-    mlp_ratio: float = 4.0
-    norm_eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        for name in ("text_dim", "width", "depth", "num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"AlignerConfig.{name} must be a positive int; got {value!r}")
-        if self.width % self.num_heads != 0:
-            raise ValueError(
-                f"AlignerConfig.width {self.width} must be divisible by num_heads {self.num_heads}"
-            )
-        if not self.mlp_ratio > 0 or self.mlp_hidden < 1:
-            raise ValueError(f"AlignerConfig.mlp_ratio must be > 0; got {self.mlp_ratio}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"AlignerConfig.norm_eps must be > 0; got {self.norm_eps}")
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.width * self.mlp_ratio)
-
-    def build(self) -> TextAligner:
-        return TextAligner(self)
 
 
 class _SelfAttention(nn.Module):
@@ -118,17 +86,6 @@ class TextAligner(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.null_token, std=0.02)
-
-    @staticmethod
-    def num_params(config: AlignerConfig) -> int:
-        """Exact parameter count of ``TextAligner(config)``, without building it."""
-        width, hidden = config.width, config.mlp_hidden
-        projection = config.text_dim * width + width
-        norms = 2 * (2 * width)
-        attention = (width * 3 * width + 3 * width) + (width * width + width)  # qkv, output
-        mlp = (width * hidden + hidden) + (hidden * width + width)
-        block = norms + attention + mlp
-        return projection + config.depth * block + 2 * width + width  # + final norm, null token
 
     def forward(self, hidden: Tensor, mask: Tensor, *, drop: Tensor | None = None) -> TextStates:
         """Align text states; rows with ``drop[b]`` True become the null text.

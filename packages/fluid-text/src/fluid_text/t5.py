@@ -26,6 +26,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import T5Config, T5EncoderModel
 
+from .config import SHAPES_T5_SIZES, T5_V1_1_XXL_SIZES
 from .spm import SPIECE_MODEL_NAME
 from .states import TextStates
 
@@ -65,16 +66,7 @@ def _t5_v1_1_config(**sizes: int | float) -> T5Config:
 
 def t5_v1_1_xxl_config() -> T5Config:
     """The public ``google/t5-v1_1-xxl`` configuration (encoder: 4,762,310,656 parameters)."""
-    return _t5_v1_1_config(
-        vocab_size=32128,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_decoder_layers=24,
-        num_heads=64,
-        dropout_rate=0.1,
-    )
+    return _t5_v1_1_config(**T5_V1_1_XXL_SIZES)
 
 
 def shapes_t5_config(vocab_size: int = 512) -> T5Config:
@@ -85,16 +77,7 @@ def shapes_t5_config(vocab_size: int = 512) -> T5Config:
     """
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive int; got {vocab_size!r}")
-    return _t5_v1_1_config(
-        vocab_size=vocab_size,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-    )
+    return _t5_v1_1_config(vocab_size=vocab_size, **SHAPES_T5_SIZES)
 
 
 def count_t5_encoder_params(config: T5Config) -> int:

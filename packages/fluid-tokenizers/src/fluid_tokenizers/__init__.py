@@ -16,12 +16,18 @@ from .__about__ import __version__
 
 # name -> submodule: loaded on first access (PEP 562), so importing the package is cheap.
 _LAZY = {
+    "layouts": (
+        "amused_vq_config",
+        "downsample_factor",
+        "sd_vae_ft_ema_config",
+        "shapes_vae_config",
+        "shapes_vq_config",
+        "token_pixels",
+    ),
     "sd_vae": (
         "LatentMoments",
         "SDVAETokenizer",
         "calibrate_scaling_factor",
-        "sd_vae_ft_ema_config",
-        "shapes_vae_config",
     ),
     "spec": (
         "TokenizerSpec",
@@ -33,11 +39,7 @@ _LAZY = {
         "train_vae",
         "train_vq",
     ),
-    "vq": (
-        "VQTokenizer",
-        "amused_vq_config",
-        "shapes_vq_config",
-    ),
+    "vq": ("VQTokenizer",),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 

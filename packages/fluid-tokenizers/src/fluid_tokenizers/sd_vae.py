@@ -23,6 +23,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import AutoencoderKL
 
+from .layouts import downsample_factor, sd_vae_ft_ema_config
 from .spec import (
     TokenizerSpec,
     check_images,
@@ -33,56 +34,12 @@ from .spec import (
     write_fluid_config,
 )
 
-# The public stabilityai/sd-vae-ft-ema config.json (diffusers 0.4.2 era). The file itself has no
-# scaling_factor key; diffusers' default 0.18215 (the SD v1 value) applies, written out here.
-# 83.65M parameters (encoder 34.16M, decoder 49.49M).
-_SD_VAE_FT_EMA: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 256,
-    "scaling_factor": 0.18215,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-
-# The shapes world (64 px, flat colours): f=4 so 64 px -> latent 4x16x16 -> 8x8 = 64 tokens x 16.
-# Narrow and attention-free so that `train_vae` fits in the demo's CPU budget.
-_SHAPES_VAE: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [16, 32, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 3,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "mid_block_add_attention": False,
-    "norm_num_groups": 8,
-    "out_channels": 3,
-    "sample_size": 64,
-    "scaling_factor": 1.0,  # set by calibrate_scaling_factor after training
-    "up_block_types": ["UpDecoderBlock2D"] * 3,
-}
-
 
 def _autoencoderkl_class() -> type[AutoencoderKL]:
     """``diffusers.AutoencoderKL``, imported on first use (diffusers pulls in much of transformers)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL
-
-
-def sd_vae_ft_ema_config() -> dict[str, Any]:
-    """The public sd-vae-ft-ema AutoencoderKL layout (f=8, 4 latent channels, 83.65M params)."""
-    return {k: list(v) if isinstance(v, list) else v for k, v in _SD_VAE_FT_EMA.items()}
-
-
-def shapes_vae_config() -> dict[str, Any]:
-    """The shapes-world AutoencoderKL layout: 64 px, f=4, 4 latent channels (0.23M params)."""
-    return {k: list(v) if isinstance(v, list) else v for k, v in _SHAPES_VAE.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +131,7 @@ class SDVAETokenizer(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsample_factor(self.vae.config)
 
     @property
     def latent_channels(self) -> int:

@@ -19,52 +19,8 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import VQModel
 
+from .layouts import amused_vq_config, downsample_factor
 from .spec import TokenizerSpec, check_images, image_size_for, model_dir, write_fluid_config
-
-# The public amused/amused-256 `vqvae/config.json`: a VQ-GAN converted from open-MUSE, f=16,
-# 64-dim latents quantized against 8192 codes (vq_embed_dim None -> latent_channels = 64).
-# 146.24M parameters (encoder 58.69M, decoder 87.02M, codebook 0.52M).
-_AMUSED_VQ: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 256, 512, 768],
-    "down_block_types": ["DownEncoderBlock2D"] * 5,
-    "force_upcast": False,
-    "in_channels": 3,
-    "latent_channels": 64,
-    "layers_per_block": 2,
-    "lookup_from_codebook": True,
-    "mid_block_add_attention": False,
-    "norm_num_groups": 32,
-    "norm_type": "group",
-    "num_vq_embeddings": 8192,
-    "out_channels": 3,
-    "sample_size": 32,
-    "scaling_factor": 0.18215,
-    "up_block_types": ["UpDecoderBlock2D"] * 5,
-    "vq_embed_dim": None,
-}
-
-# The shapes world: 64 px, f=8 -> 8x8 = 64 ids from a 512-code, 8-dim codebook. Low-dimensional
-# codes keep most of the codebook in use when it is trained from scratch on a small set.
-_SHAPES_VQ: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [16, 32, 32, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "force_upcast": False,
-    "in_channels": 3,
-    "latent_channels": 16,
-    "layers_per_block": 1,
-    "lookup_from_codebook": True,
-    "mid_block_add_attention": False,
-    "norm_num_groups": 8,
-    "norm_type": "group",
-    "num_vq_embeddings": 512,
-    "out_channels": 3,
-    "sample_size": 64,
-    "scaling_factor": 1.0,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "vq_embed_dim": 8,
-}
 
 
 def _vqmodel_class() -> type[VQModel]:
@@ -72,16 +28,6 @@ def _vqmodel_class() -> type[VQModel]:
     from diffusers import VQModel
 
     return VQModel
-
-
-def amused_vq_config() -> dict[str, Any]:
-    """The public aMUSEd-256 VQModel layout (f=16, 64-dim latents, 8192 codes, 146.24M params)."""
-    return {k: list(v) if isinstance(v, list) else v for k, v in _AMUSED_VQ.items()}
-
-
-def shapes_vq_config() -> dict[str, Any]:
-    """The shapes-world VQModel layout: 64 px, f=8, 512 codes of 8 dims."""
-    return {k: list(v) if isinstance(v, list) else v for k, v in _SHAPES_VQ.items()}
 
 
 class VQTokenizer(nn.Module):
@@ -145,7 +91,7 @@ class VQTokenizer(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.vq.config.block_out_channels) - 1)
+        return downsample_factor(self.vq.config)
 
     @property
     def vocab_size(self) -> int:

@@ -34,11 +34,14 @@ _LAZY = {
         "reveal_schedule",
         "training_mask",
     ),
-    "model": (
+    "config": (
         "DiffLossConfig",
         "FluidConfig",
-        "FluidModel",
         "GenerationConfig",
+        "TrainConfig",
+    ),
+    "model": (
+        "FluidModel",
         "LossOutput",
         "ParamCounts",
         "TrainBatch",
@@ -57,9 +60,6 @@ _LAZY = {
         "PAPER_SIZES",
         "get_preset",
         "list_presets",
-    ),
-    "recipe": (
-        "TrainConfig",
     ),
     "trainer": (
         "NonFiniteLossError",

@@ -15,201 +15,36 @@ randomness drawn on the batch's device, no ``.item()`` — so the step compiles 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fluid_backbone import CausalTransformer, MaskedTransformer, TransformerConfig
-from fluid_heads import DiffLossHead, SoftmaxHead
-from fluid_text import AlignerConfig, TextAligner, TextStates
+from fluid_backbone import CausalTransformer, MaskedTransformer
+from fluid_heads import DiffLossConfig, DiffLossHead, SoftmaxHead
+from fluid_text import TextAligner, TextStates
 
 from .__about__ import __version__
-from .masking import CfgSchedule, training_mask
+from .config import FluidConfig, GenerationConfig
+from .masking import training_mask
 
-TokenKind = Literal["discrete", "continuous"]
-Order = Literal["raster", "random"]
-OrderPolicy = Literal["random", "confidence"]
-TextEncoderLayout = Literal["t5-v1_1-xxl", "shapes-t5"]
+__all__ = [
+    "DiffLossConfig",
+    "FluidConfig",
+    "FluidModel",
+    "GenerationConfig",
+    "LossOutput",
+    "ParamCounts",
+    "TrainBatch",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-@dataclass(kw_only=True, slots=True)
-class DiffLossConfig:
-    """The DiffLoss head of the continuous variants (MAR numerics, DESIGN.md §4)."""
-
-    depth: int = 3  # residual adaLN blocks = 2 * depth linear layers
-    width: int | None = None  # None = the trunk width
-    train_steps: int = 1000
-    sample_steps: int = 100
-    diffusion_batch_mul: int = 4  # each token's (target, z) repeated with independent t
-    x0_bound: float | None = None  # sampling clamp of x0; None = the head's tracked max |target|
-    # Auxiliary loss: a linear readout of the trunk's state regressed onto the token (MSE),
-    # added with this weight (DiffLossHead's regression_weight). 0 = the paper's objective.
-    regression_weight: float = 0.0
-
-
-@dataclass(kw_only=True, slots=True)
-class GenerationConfig:
-    """Sampling defaults; every field can be overridden per call."""
-
-    num_steps: int = 64  # random order only; raster always takes N steps
-    cfg: float = 3.0
-    cfg_schedule: CfgSchedule = "linear"
-    temperature: float = 1.0
-    order_policy: OrderPolicy = "random"  # "confidence" = MaskGIT, discrete random order only
-    choice_temperature: float = 4.5  # MaskGIT's Gumbel temperature, annealed to 0
-    top_k: int | None = None  # discrete only
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int; got {self.num_steps!r}")
-        if not self.cfg >= 1.0:
-            raise ValueError(f"cfg must be >= 1 (1 = no guidance); got {self.cfg!r}")
-        if self.cfg_schedule not in ("linear", "constant"):
-            raise ValueError(
-                f"cfg_schedule must be 'linear' or 'constant'; got {self.cfg_schedule!r}"
-            )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
-        if self.order_policy not in ("random", "confidence"):
-            raise ValueError(
-                f"order_policy must be 'random' or 'confidence'; got {self.order_policy!r}"
-            )
-        if not self.choice_temperature >= 0:
-            raise ValueError(f"choice_temperature must be >= 0; got {self.choice_temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be None or a positive int; got {self.top_k!r}")
-
-
-@dataclass(kw_only=True, slots=True)
-class FluidConfig:
-    """One Fluid model. Children's configs are held whole; the switches pick the variant."""
-
-    tokens: TokenKind = "continuous"
-    order: Order = "random"
-    backbone: TransformerConfig  # the trunk; backbone.num_tokens = grid rows * cols
-    aligner: AlignerConfig  # text aligner at the trunk width, input = the T5 width
-    diffloss: DiffLossConfig = field(default_factory=DiffLossConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    grid: tuple[int, int] = (16, 16)  # token grid (rows, cols), raster order row-major
-    token_dim: int | None = 16  # continuous: channels per token (SD-VAE 4 ch x 2x2 patch)
-    vocab_size: int | None = 8192  # discrete: codebook size
-    image_size: int = 256  # pixels of the images the tokenizer encodes
-    text_encoder: TextEncoderLayout = (
-        "t5-v1_1-xxl"  # the frozen encoder whose states feed the aligner
-    )
-    text_length: int = 128  # max text tokens (T5 max length); sizes FLOP counts and preprocessing
-    text_drop_prob: float = 0.1  # captions replaced by the null text (for CFG)
-
-    def __post_init__(self) -> None:
-        if self.tokens not in ("discrete", "continuous"):
-            raise ValueError(f"tokens must be 'discrete' or 'continuous'; got {self.tokens!r}")
-        if self.order not in ("raster", "random"):
-            raise ValueError(f"order must be 'raster' or 'random'; got {self.order!r}")
-        self.grid = tuple(int(g) for g in self.grid)  # JSON gives a list
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            raise ValueError(f"grid must be (rows, cols) of positive ints; got {self.grid!r}")
-        if self.grid[0] * self.grid[1] != self.backbone.num_tokens:
-            raise ValueError(
-                f"grid {self.grid} has {self.grid[0] * self.grid[1]} tokens but "
-                f"backbone.num_tokens is {self.backbone.num_tokens}"
-            )
-        # The trunk's position layout (sin-cos start) must be the tokens' grid.
-        if self.backbone.token_grid not in (None, self.grid):
-            raise ValueError(
-                f"backbone lays its positions out as {self.backbone.token_grid} but the token "
-                f"grid is {self.grid}; set backbone.grid={self.grid}"
-            )
-        if self.aligner.width != self.backbone.width:
-            raise ValueError(
-                f"aligner.width ({self.aligner.width}) must equal backbone.width ({self.backbone.width})"
-            )
-        if self.tokens == "continuous" and not (self.token_dim and self.token_dim > 0):
-            raise ValueError(f"continuous tokens need token_dim > 0; got {self.token_dim!r}")
-        if self.tokens == "discrete" and not (self.vocab_size and self.vocab_size > 1):
-            raise ValueError(f"discrete tokens need vocab_size > 1; got {self.vocab_size!r}")
-        if not 0.0 <= self.text_drop_prob <= 1.0:
-            raise ValueError(f"text_drop_prob must be in [0, 1]; got {self.text_drop_prob!r}")
-        if self.text_length < 1:
-            raise ValueError(f"text_length must be >= 1; got {self.text_length!r}")
-
-    @property
-    def variant(self) -> str:
-        """``"random-continuous"`` (Fluid), ``"raster-discrete"``, ... (DESIGN.md §1)."""
-        return f"{self.order}-{self.tokens}"
-
-    @property
-    def num_tokens(self) -> int:
-        return self.backbone.num_tokens
-
-    @property
-    def width(self) -> int:
-        return self.backbone.width
-
-    @property
-    def text_dim(self) -> int:
-        return self.aligner.text_dim
-
-    def replace(self, **overrides: Any) -> FluidConfig:
-        """A copy with fields replaced; ``"child.field"`` keys reach into a child config.
-
-        ``cfg.replace(tokens="discrete", **{"backbone.depth": 2, "generation.cfg": 4.0})``
-        """
-        top: dict[str, Any] = {}
-        nested: dict[str, dict[str, Any]] = {}
-        names = {f.name for f in dataclasses.fields(self)}
-        for key, value in overrides.items():
-            child, _, name = key.partition(".")
-            if child not in names:
-                raise ValueError(
-                    f"unknown FluidConfig field {key!r}; expected one of {sorted(names)}"
-                )
-            if name:
-                nested.setdefault(child, {})[name] = value
-            else:
-                top[child] = value
-        for child, values in nested.items():
-            current = top.get(child, getattr(self, child))
-            if not dataclasses.is_dataclass(current):
-                raise ValueError(f"{child!r} is not a nested config; cannot set {sorted(values)}")
-            known = {f.name for f in dataclasses.fields(current)}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(
-                    f"unknown {child} field(s) {unknown}; expected some of {sorted(known)}"
-                )
-            top[child] = dataclasses.replace(current, **values)
-        return dataclasses.replace(self, **top)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FluidConfig:
-        data = dict(data)
-        children = {
-            "backbone": TransformerConfig,
-            "aligner": AlignerConfig,
-            "diffloss": DiffLossConfig,
-            "generation": GenerationConfig,
-        }
-        for name, child_cls in children.items():
-            if name in data and isinstance(data[name], Mapping):
-                data[name] = child_cls(**data[name])
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FluidConfig field(s) {unknown}")
-        return cls(**data)
 
 
 @dataclass(slots=True)
@@ -269,17 +104,8 @@ class FluidModel(nn.Module):
         trunk_cls = MaskedTransformer if config.order == "random" else CausalTransformer
         self.trunk = trunk_cls(config.backbone)
         if config.tokens == "continuous":
-            d = config.diffloss
-            self.head: DiffLossHead | SoftmaxHead = DiffLossHead(
-                config.token_dim,
-                config.width,
-                width=d.width,
-                depth=d.depth,
-                train_steps=d.train_steps,
-                sample_steps=d.sample_steps,
-                batch_mul=d.diffusion_batch_mul,
-                x0_bound=d.x0_bound,
-                regression_weight=d.regression_weight,
+            self.head: DiffLossHead | SoftmaxHead = DiffLossHead.from_config(
+                config.token_dim, config.width, config.diffloss
             )
         else:
             self.head = SoftmaxHead(config.vocab_size, config.width)
@@ -447,8 +273,6 @@ class FluidModel(nn.Module):
                 raise FileNotFoundError(
                     f"{f} not found: expected a FluidModel saved by save_pretrained"
                 )
-        data = json.loads(config_file.read_text())
-        data = {k: v for k, v in data.items() if not k.startswith("_")}
-        model = cls(FluidConfig.from_dict(data))
+        model = cls(FluidConfig.from_dict(json.loads(config_file.read_text())))
         model.load_state_dict(load_file(str(weights_file)), strict=True)
         return model.to(device).eval()

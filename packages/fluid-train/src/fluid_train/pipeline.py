@@ -130,25 +130,7 @@ class FluidPipeline:
         text_encoder: T5TextEncoder,
         model: FluidModel,
     ) -> None:
-        config = model.config
-        spec = tokenizer.spec
-        if spec.kind != config.tokens or tuple(spec.grid) != tuple(config.grid):
-            raise ValueError(
-                f"tokenizer gives {spec.kind} tokens on a {tuple(spec.grid)} grid; the model "
-                f"expects {config.tokens} tokens on {tuple(config.grid)}"
-            )
-        if config.tokens == "continuous" and spec.token_dim != config.token_dim:
-            raise ValueError(
-                f"tokenizer tokens have {spec.token_dim} channels; the model expects {config.token_dim}"
-            )
-        if config.tokens == "discrete" and spec.vocab_size != config.vocab_size:
-            raise ValueError(
-                f"tokenizer vocab is {spec.vocab_size}; the model expects {config.vocab_size}"
-            )
-        if text_encoder.dim != config.text_dim:
-            raise ValueError(
-                f"text encoder width is {text_encoder.dim}; the model's aligner expects {config.text_dim}"
-            )
+        model.config.check_frozen_parts(tokenizer=tokenizer.spec, text_width=text_encoder.dim)
         self.tokenizer = tokenizer.eval()
         self.text_encoder = text_encoder
         self.model = model.eval()

@@ -30,10 +30,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fluid_backbone import TransformerConfig
-from fluid_text import AlignerConfig
+from fluid_backbone.config import TransformerConfig
+from fluid_heads.config import DiffLossConfig
+from fluid_text.config import SHAPES_T5_SIZES, T5_V1_1_XXL_SIZES, AlignerConfig
+from fluid_tokenizers.layouts import (
+    sd_vae_ft_ema_config,
+    shapes_vae_config,
+    token_pixels,
+)
 
-from .model import DiffLossConfig, FluidConfig
+from .config import FluidConfig
+
+# Torch-free (configs only): the command line reads preset names and defaults from here.
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,30 +64,33 @@ PAPER_SIZES: dict[str, PaperSize] = {
     "fluid-10.5b": PaperSize(34, 4096, 64, 10_500_000_000, 1.571),
 }
 
-T5_XXL_WIDTH = 4096
+PAPER_IMAGE_SIZE = 256
+# SD-VAE (f=8) with 2x2 grouping: 16 px per token side, 16x16 tokens at 256 px.
+PAPER_TOKEN_PIXELS = token_pixels(sd_vae_ft_ema_config(), patch_size=2)
 
 
 def _paper(size: PaperSize) -> FluidConfig:
+    side = PAPER_IMAGE_SIZE // PAPER_TOKEN_PIXELS
     return FluidConfig(
         backbone=TransformerConfig(
-            width=size.width, depth=size.depth, num_heads=size.num_heads, num_tokens=256
+            width=size.width, depth=size.depth, num_heads=size.num_heads, grid=(side, side)
         ),
         aligner=AlignerConfig(
-            text_dim=T5_XXL_WIDTH, width=size.width, depth=6, num_heads=size.num_heads
-        ),
+            text_dim=T5_V1_1_XXL_SIZES["d_model"], width=size.width, depth=6,
+            num_heads=size.num_heads,
+        ),  # fmt: skip
         diffloss=DiffLossConfig(depth=3),
-        grid=(16, 16),
         token_dim=16,
         vocab_size=8192,
-        image_size=256,
+        image_size=PAPER_IMAGE_SIZE,
         text_encoder="t5-v1_1-xxl",
         text_length=128,
     )
 
 
-# Both shapes tokenizers give one token per 8x8 pixels: the VAE (f=4) with 2x2 grouping, and
-# the VQ (f=8) (tests/test_presets.py checks this against fluid_tokenizers).
-SHAPES_TOKEN_PIXELS = 8
+# One token per 8x8 pixels, as the shapes VAE (f=4) with 2x2 grouping gives it; the shapes VQ
+# (f=8) was built to match (tests/test_presets.py holds the two tokenizers to the same grid).
+SHAPES_TOKEN_PIXELS = token_pixels(shapes_vae_config(), patch_size=2)
 SHAPES_IMAGE_SIZE = 64  # the presets' default world
 
 
@@ -92,7 +103,7 @@ def token_layout(image_size: int) -> dict[str, Any]:
             f"image_size must be a positive multiple of {pixels} pixels; got {image_size!r}"
         )
     side = image_size // pixels
-    return {"image_size": image_size, "grid": (side, side), "backbone.num_tokens": side * side}
+    return {"image_size": image_size, "backbone.grid": (side, side)}
 
 
 def _shapes_world(
@@ -105,29 +116,22 @@ def _shapes_world(
     diffloss_width: int | None = None,
     sample_steps: int = 100,
 ) -> FluidConfig:
-    from fluid_text import shapes_t5_config
-
-    text_dim = shapes_t5_config().d_model
-    layout = token_layout(SHAPES_IMAGE_SIZE)
+    side = SHAPES_IMAGE_SIZE // SHAPES_TOKEN_PIXELS
     return FluidConfig(
         # Sin-cos positions: a run of minutes cannot learn 2-D neighbourhoods from std-0.02 ones.
         backbone=TransformerConfig(
-            width=width,
-            depth=depth,
-            num_heads=num_heads,
-            num_tokens=layout["backbone.num_tokens"],
-            pos_init="sincos",  # on the square token grid
+            width=width, depth=depth, num_heads=num_heads, grid=(side, side), pos_init="sincos"
         ),
         aligner=AlignerConfig(
-            text_dim=text_dim, width=width, depth=aligner_depth, num_heads=num_heads
-        ),
+            text_dim=SHAPES_T5_SIZES["d_model"], width=width, depth=aligner_depth,
+            num_heads=num_heads,
+        ),  # fmt: skip
         diffloss=DiffLossConfig(
             depth=diffloss_depth, width=diffloss_width, sample_steps=sample_steps
         ),
-        grid=layout["grid"],
         token_dim=16,
         vocab_size=512,
-        image_size=layout["image_size"],
+        image_size=SHAPES_IMAGE_SIZE,
         text_encoder="shapes-t5",
         text_length=32,
     )

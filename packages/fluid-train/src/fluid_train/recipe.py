@@ -7,30 +7,30 @@ parameters or the DiffLoss MLP, as the MAR code), a 65K-step linear warmup to a 
 on accelerators. Gradient clipping is at a global norm of 3.0, the MAR code's ``grad_clip``; the
 paper says it clips but not at what.
 
-Every field can be set from a JSON or TOML file (``TrainConfig.from_file``) whose nesting
-follows the dataclasses (``[optim] lr = 3e-4``), and then from command-line flags.
+The configs themselves (``TrainConfig`` and its children) are in ``fluid_train.config``. Every
+field can be set from a JSON or TOML file (``TrainConfig.from_file``) whose nesting follows the
+dataclasses (``[optim] lr = 3e-4``), and then from command-line flags.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import sys
-import types
-import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+# The recipe's configs live in the torch-free ``fluid_train.config``; importable from here too.
+from .config import (
+    DataConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TrainConfig,
+    load_config_file,
+    merge,
+)
 
 __all__ = [
     "DataConfig",
@@ -39,201 +39,12 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "build_optimizer",
+    "load_config_file",
+    "merge",
     "learning_rate",
     "param_groups",
     "prime_optimizer",
 ]
-
-Backend = Literal["auto", "eager", "xla"]
-Precision = Literal["auto", "fp32", "bf16"]
-
-
-@dataclass(kw_only=True, slots=True)
-class OptimizerConfig:
-    """AdamW and gradient clipping."""
-
-    lr: float = 1e-4  # peak learning rate, absolute (not batch-scaled)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.02
-    grad_clip: float | None = 3.0  # max global grad norm (MAR's value); None = no clipping
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # JSON/TOML give lists
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"optim.lr must be a finite number > 0; got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1); got {self.betas}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0; got {self.weight_decay}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"optim.grad_clip must be > 0 or None; got {self.grad_clip}")
-
-
-@dataclass(kw_only=True, slots=True)
-class ScheduleConfig:
-    """Linear warmup from lr/warmup to lr, then ``decay`` (the paper: constant)."""
-
-    warmup_steps: int = 65_000
-    decay: Literal["constant", "cosine", "linear"] = "constant"
-    min_lr_ratio: float = 0.0  # floor of cosine/linear decay, as a fraction of lr
-
-    def __post_init__(self) -> None:
-        if self.warmup_steps < 0:
-            raise ValueError(f"schedule.warmup_steps must be >= 0; got {self.warmup_steps}")
-        if self.decay not in ("constant", "cosine", "linear"):
-            raise ValueError(
-                f"schedule.decay must be 'constant', 'cosine' or 'linear'; got {self.decay!r}"
-            )
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
-
-
-@dataclass(kw_only=True, slots=True)
-class DataConfig:
-    """Where the training data comes from and how it is read (see fluid_train.data)."""
-
-    shards: list[str] = field(default_factory=list)  # paths, globs, {a..b} patterns, URLs
-    kind: Literal["auto", "images", "encoded"] = "auto"  # raw img2dataset or `fluid preprocess`
-    shuffle_buffer: int = 1000  # samples; 0 = read in shard order
-    num_workers: int = 0  # decoding processes (0 = in the training process)
-    text_length: int | None = None  # T5 padding length for image shards (None: encoder max)
-    # Encoded shards up to this many MiB per host (their bytes in the tar) are kept in memory,
-    # decoded, after their first epoch (0: every epoch reads the shards again).
-    memory_mb: float = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.shards, str):
-            self.shards = [self.shards]
-        if self.shuffle_buffer < 0 or self.num_workers < 0 or self.memory_mb < 0:
-            raise ValueError(
-                "data.shuffle_buffer, data.num_workers and data.memory_mb must be >= 0; "
-                f"got {self.shuffle_buffer}, {self.num_workers} and {self.memory_mb}"
-            )
-
-
-@dataclass(kw_only=True, slots=True)
-class ParallelConfig:
-    """SPMD layout on the xla backend (see fluid_train.parallelize)."""
-
-    dcn_data_parallelism: int | None = None  # slices on the `data` axis; None = slice count
-    activation_checkpointing: Literal["none", "block"] = "none"
-
-
-@dataclass(kw_only=True, slots=True)
-class TrainConfig:
-    """Everything one training run needs. ``fluid_train.trainer.train(config)`` runs it."""
-
-    out: str  # run directory: metrics.jsonl, checkpoints/, pipeline/
-    preset: str = "debug"
-    model: dict[str, Any] = field(default_factory=dict)  # overrides for get_preset(preset, ...)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: str | None = None  # saved tokenizer dir: needed for image shards and export
-    text_encoder: str | None = None  # saved T5 dir: needed for image shards and export
-    steps: int = 1_000_000
-    batch_size: int = 2048  # global batch (all devices, all hosts)
-    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    ema_decay: float = 0.9999
-    precision: Precision = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU
-    backend: Backend = "auto"  # auto: xla on a TPU host, else eager
-    device: str | None = None  # eager: "cpu", "cuda", "cuda:1"; None = cuda if available
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    seed: int = 0
-    log_every: int = 100
-    ckpt_every: int = 5000
-    keep_checkpoints: int = 3  # most recent checkpoints kept on disk
-    resume: bool = False
-    export: bool = True  # write RUN/pipeline/ from the EMA weights at the end
-    progress: bool = True  # tqdm progress bar
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {self.precision!r}")
-        if self.backend not in ("auto", "eager", "xla"):
-            raise ValueError(f"backend must be 'auto', 'eager' or 'xla'; got {self.backend!r}")
-
-    # ------------------------------------------------------------------ (de)serialisation
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from nested plain values; unknown keys are an error naming the key."""
-        return _build(cls, values, prefix="")
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read a ``.json`` or ``.toml`` file; ``overrides`` (nested dicts merge) win."""
-        values = merge(load_config_file(path), overrides)
-        return cls.from_dict(values)
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    if path.suffix == ".toml":
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    if path.suffix == ".json":
-        values = json.loads(path.read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a JSON object; got {type(values)}")
-        return values
-    raise ValueError(f"config file {path} must end in .json or .toml")
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: ``overrides`` win; nested dicts merge key by key."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _build(cls: type, values: dict[str, Any], *, prefix: str) -> Any:
-    if not isinstance(values, dict):
-        raise ValueError(f"config section {prefix or '<root>'} must be a table; got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"expected some of {', '.join(prefix + k for k in fields)}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = _build(hint, value, prefix=f"{prefix}{name}.")
-        elif _is_float(hint) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)  # TOML/JSON write 1 for 1.0
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as error:
-        raise ValueError(f"config section {prefix or '<root>'}: {error}") from error
-
-
-def _is_float(hint: Any) -> bool:
-    if hint is float:
-        return True
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return float in typing.get_args(hint)
-    return False
-
 
 # ---------------------------------------------------------------------- optimizer
 

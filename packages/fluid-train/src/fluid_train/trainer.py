@@ -39,7 +39,6 @@ from .checkpoint import CheckpointManager
 from .data import HostBatch, TrainLoader
 from .ema import EMA
 from .model import FluidConfig, FluidModel, TrainBatch
-from .presets import get_preset
 from .recipe import TrainConfig, build_optimizer, learning_rate, prime_optimizer
 
 __all__ = ["NonFiniteLossError", "StepOutput", "TrainResult", "Trainer", "train"]
@@ -88,7 +87,7 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, model_config: FluidConfig | None = None) -> TrainResult:
-    """Run ``config`` to ``config.steps``; ``model_config`` replaces the preset if given."""
+    """Run ``config`` to ``config.steps``; ``model_config`` replaces ``config.model`` if given."""
     return Trainer(config, model_config=model_config).fit()
 
 
@@ -112,7 +111,7 @@ class Trainer:
         config = self.config
         self.backend: Backend = build_backend(config)
         self.backend.seed(config.seed)
-        self.model_config = model_config or get_preset(config.preset, **config.model)
+        self.model_config = model_config or config.model
         mc = self.model_config
         if config.batch_size % self.backend.process_count:
             raise ValueError(
@@ -196,22 +195,11 @@ class Trainer:
         self.tokenizer = self.text_encoder = None
         if config.tokenizer:
             self.tokenizer = load_tokenizer(config.tokenizer)
-            spec = self.tokenizer.spec
-            size = spec.token_dim if spec.kind == "continuous" else spec.vocab_size
-            expected = mc.token_dim if mc.tokens == "continuous" else mc.vocab_size
-            if spec.kind != mc.tokens or tuple(spec.grid) != tuple(mc.grid) or size != expected:
-                raise ValueError(
-                    f"tokenizer {config.tokenizer} gives {spec.kind} tokens ({size}) on a "
-                    f"{tuple(spec.grid)} grid; the model expects {mc.tokens} tokens ({expected}) "
-                    f"on {tuple(mc.grid)}"
-                )
+            mc.check_frozen_parts(tokenizer=self.tokenizer.spec, where=config.tokenizer)
         if config.text_encoder:
-            width = text_encoder_width(config.text_encoder)
-            if width != mc.text_dim:
-                raise ValueError(
-                    f"text encoder {config.text_encoder} has width {width}; the model's aligner "
-                    f"expects {mc.text_dim}"
-                )
+            mc.check_frozen_parts(
+                text_width=text_encoder_width(config.text_encoder), where=config.text_encoder
+            )
         if self.loader.kind != "images":
             return None
         if self.tokenizer is None or not config.text_encoder:

@@ -34,69 +34,24 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
             "--config FILE (JSON/TOML) and flags override them."
         ),
     )
-    p.add_argument("--preset", help="model preset (fluid info lists them); default debug")
-    p.add_argument(
-        "--data", nargs="+", metavar="SHARDS", help="shards: paths, dirs, globs, {a..b}, URLs"
-    )
-    p.add_argument("--out", metavar="RUN", help="run directory")
+    from fluid_train.config import FluidConfig, TrainConfig
+    from fluid_train.presets import list_presets
+
+    from .options import add_config_flags
+
     p.add_argument("--config", metavar="FILE", help="JSON/TOML file with TrainConfig fields")
-    p.add_argument("--steps", type=int, help="total optimizer steps (paper: 1M)")
-    p.add_argument("--backend", choices=("auto", "eager", "xla"), help="default auto")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="continue RUN from its latest checkpoint",
-    )
-    p.add_argument("--batch-size", type=int, help="global batch (paper: 2048)")
-    p.add_argument("--lr", type=float, help="peak learning rate, absolute (paper: 1e-4)")
-    p.add_argument("--warmup", type=int, help="linear warmup steps (paper: 65000)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (paper: 0.02)")
-    p.add_argument("--grad-clip", type=float, help="max global grad norm (default 3.0; 0 = off)")
-    p.add_argument("--ema-decay", type=float, help="EMA decay per step (paper: 0.9999)")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        help="autocast (auto: bf16 on accelerators)",
-    )
-    p.add_argument(
-        "--tokenizer", metavar="DIR", help="saved tokenizer (image shards; pipeline export)"
-    )
-    p.add_argument(
-        "--text-encoder", metavar="DIR", help="saved T5 encoder (image shards; pipeline export)"
-    )
-    p.add_argument("--device", help="eager device: cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--log-every", type=int, help="steps between metrics lines (default 100)")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default 5000)")
-    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept on disk (default 3)")
-    p.add_argument("--seed", type=int, help="seed of the weights, data order and training noise")
-    p.add_argument("--num-workers", type=int, help="data decoding processes per host (default 0)")
-    p.add_argument("--shuffle-buffer", type=int, help="shuffle buffer in samples (default 1000)")
-    p.add_argument(
-        "--memory-mb",
-        type=float,
-        help="encoded shards: MiB per host kept in memory after the first epoch (default 0)",
-    )
-    p.add_argument("--text-length", type=int, help="T5 padding length for image shards")
-    p.add_argument(
-        "--dcn-data-parallelism",
-        type=int,
-        help="xla: slices on the data axis (default: slice count)",
-    )
-    p.add_argument(
-        "--activation-checkpointing", choices=("none", "block"), help="recompute blocks in backward"
-    )
-    p.add_argument("--tokens", choices=("discrete", "continuous"), help="variant: token kind")
-    p.add_argument("--order", choices=("raster", "random"), help="variant: generation order")
-    p.add_argument(
+    add_config_flags(p, TrainConfig)
+    model = p.add_argument_group("model (overrides of the preset)")
+    add_config_flags(model, FluidConfig, prefix="model.", nested=False, show_defaults=False)
+    model.add_argument(
         "--model",
+        dest="model_overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="model config override, JSON value (e.g. backbone.depth=4); repeatable",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-export", action="store_true", help="do not export RUN/pipeline at the end")
+    p.epilog = f"presets: {', '.join(list_presets())}"
     p.set_defaults(func=run_train)
 
 
@@ -109,54 +64,19 @@ def _parse_value(text: str) -> Any:
 
 def build_train_config(args: argparse.Namespace):
     """The ``TrainConfig`` of ``fluid train``'s arguments (file values, then flags)."""
-    from fluid_train.recipe import TrainConfig, load_config_file, merge
+    from fluid_train.config import FluidConfig, TrainConfig, load_config_file, merge
+
+    from .options import given_values
 
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    flags: dict[str, Any] = {
-        "preset": args.preset,
-        "out": args.out,
-        "steps": args.steps,
-        "backend": args.backend,
-        "resume": args.resume,
-        "batch_size": args.batch_size,
-        "ema_decay": args.ema_decay,
-        "precision": args.precision,
-        "tokenizer": args.tokenizer,
-        "text_encoder": args.text_encoder,
-        "device": args.device,
-        "log_every": args.log_every,
-        "ckpt_every": args.ckpt_every,
-        "keep_checkpoints": args.keep_checkpoints,
-        "seed": args.seed,
-        "progress": False if args.no_progress else None,
-        "export": False if args.no_export else None,
-        "optim": {"lr": args.lr, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip},
-        "schedule": {"warmup_steps": args.warmup},
-        "data": {
-            "shards": args.data,
-            "num_workers": args.num_workers,
-            "shuffle_buffer": args.shuffle_buffer,
-            "memory_mb": args.memory_mb,
-            "text_length": args.text_length,
-        },
-        "parallel": {
-            "dcn_data_parallelism": args.dcn_data_parallelism,
-            "activation_checkpointing": args.activation_checkpointing,
-        },
-    }
-    if args.grad_clip == 0:
-        flags["optim"]["grad_clip"] = None
-        values = merge(values, {"optim": {"grad_clip": None}})
-    model = dict(values.get("model", {}))
-    for name in ("tokens", "order"):
-        if getattr(args, name):
-            model[name] = getattr(args, name)
-    for item in args.model:
+    values = merge(values, given_values(args, TrainConfig))
+    model = dict(values.get("model") or {})
+    model.update(given_values(args, FluidConfig, prefix="model.", nested=False))
+    for item in args.model_overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--model expects KEY=VALUE (e.g. backbone.depth=4); got {item!r}")
         model[key] = _parse_value(value)
-    values = merge(values, _drop_none(flags))
     if model:
         values["model"] = model
     if "out" not in values:
@@ -164,18 +84,6 @@ def build_train_config(args: argparse.Namespace):
     if not values.get("data", {}).get("shards"):
         raise ValueError("fluid train needs --data SHARDS (or data.shards in the --config file)")
     return TrainConfig.from_dict(values)
-
-
-def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            value = _drop_none(value)
-            if value:
-                out[key] = value
-        elif value is not None:
-            out[key] = value
-    return out
 
 
 def _setup_logging() -> None:

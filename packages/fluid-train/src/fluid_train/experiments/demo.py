@@ -67,11 +67,10 @@ def train_model(
 
     run = Path(run_dir)
     shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: stages 1-4 are the cache
-    model = settings.model_overrides(tokens=tokens, order=order)
     config = TrainConfig(
         out=str(run),
         preset=settings.preset,
-        model=model,
+        model=settings.model_config(tokens=tokens, order=order),
         # The encoded world (~14 KB a scene) stays in memory after the first epoch.
         data=DataConfig(
             shards=world.encoded[tokens][0], kind="encoded", shuffle_buffer=1000, memory_mb=1024

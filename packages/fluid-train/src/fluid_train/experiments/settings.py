@@ -76,7 +76,7 @@ class WorldSettings:
 
         if self.layout == "free":
             return LayoutConfig()
-        return LayoutConfig.in_cells(token_layout(self.image_size)["grid"][0])
+        return LayoutConfig.in_cells(token_layout(self.image_size)["backbone.grid"][0])
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

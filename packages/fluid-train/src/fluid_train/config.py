@@ -1,0 +1,534 @@
+"""Every configuration of fluid-train, as typed dataclasses importable without torch.
+
+A ``FluidConfig`` holds its children's configs whole — the trunk's (``TransformerConfig``, which
+owns the token grid), the text aligner's and the DiffLoss head's — and a ``TrainConfig`` holds a
+``FluidConfig``. One function, :func:`config_from_dict`, turns nested plain values (JSON, TOML,
+command-line flags, ``KEY=VALUE`` overrides) into any of them, with errors that name the key and
+the type it expected. The command line builds its flags from the ``help`` metadata of these
+fields, so a flag, its type, its default and its help live here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fluid_backbone.config import TransformerConfig
+from fluid_heads.config import DiffLossConfig
+from fluid_text.config import AlignerConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "CONFIG_FORMAT",
+    "DataConfig",
+    "DiffLossConfig",
+    "FluidConfig",
+    "GenerationConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config_file",
+    "merge",
+    "with_overrides",
+]
+
+# Version of the saved model config layout (``config.json``'s ``_format``). 1: the token grid
+# also stood at the top level and ``backbone.num_tokens`` repeated it; 2: the grid lives in
+# ``backbone.grid`` alone. ``FluidConfig.from_dict`` reads both.
+CONFIG_FORMAT = 2
+
+TokenKind = Literal["discrete", "continuous"]
+Order = Literal["raster", "random"]
+OrderPolicy = Literal["random", "confidence"]
+CfgSchedule = Literal["linear", "constant"]
+TextEncoderLayout = Literal["t5-v1_1-xxl", "shapes-t5"]
+Backend = Literal["auto", "eager", "xla"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata: the command-line help (and, with ``flag=``, the flag's name)."""
+    return {"help": text, **extra}
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerationConfig:
+    """Sampling options: a model's defaults, and what a caller passes to override them."""
+
+    num_steps: int = field(default=64, metadata=_help("random order: generation steps K (raster always takes N)"))  # fmt: skip
+    cfg: float = field(default=3.0, metadata=_help("classifier-free guidance scale (1 = off)"))
+    cfg_schedule: CfgSchedule = field(default="linear", metadata=_help("guidance over the steps"))
+    temperature: float = field(default=1.0, metadata=_help("softmax temperature / DiffLoss noise scale"))  # fmt: skip
+    order_policy: OrderPolicy = field(default="random", metadata=_help("random-discrete: 'confidence' = MaskGIT's order"))  # fmt: skip
+    choice_temperature: float = field(default=4.5, metadata=_help("MaskGIT's Gumbel temperature, annealed to 0"))  # fmt: skip
+    top_k: int | None = field(default=None, metadata=_help("discrete: sample among the k most likely ids"))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int; got {self.num_steps!r}")
+        if not self.cfg >= 1.0:
+            raise ValueError(f"cfg must be >= 1 (1 = no guidance); got {self.cfg!r}")
+        if self.cfg_schedule not in ("linear", "constant"):
+            raise ValueError(
+                f"cfg_schedule must be 'linear' or 'constant'; got {self.cfg_schedule!r}"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
+        if self.order_policy not in ("random", "confidence"):
+            raise ValueError(
+                f"order_policy must be 'random' or 'confidence'; got {self.order_policy!r}"
+            )
+        if not self.choice_temperature >= 0:
+            raise ValueError(f"choice_temperature must be >= 0; got {self.choice_temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or a positive int; got {self.top_k!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class FluidConfig:
+    """One Fluid model. Children's configs are held whole; the switches pick the variant.
+
+    The token grid is ``backbone.grid`` (the trunk owns its positions); ``grid`` and
+    ``num_tokens`` read it.
+    """
+
+    tokens: TokenKind = field(default="continuous", metadata=_help("variant: token kind"))
+    order: Order = field(default="random", metadata=_help("variant: generation order"))
+    backbone: TransformerConfig  # the trunk, and the token grid (rows, cols) in raster order
+    aligner: AlignerConfig  # text aligner at the trunk width, input = the T5 width
+    diffloss: DiffLossConfig = field(default_factory=DiffLossConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    token_dim: int | None = 16  # continuous: channels per token (SD-VAE 4 ch x 2x2 patch)
+    vocab_size: int | None = 8192  # discrete: codebook size
+    image_size: int = 256  # pixels of the images the tokenizer encodes
+    text_encoder: TextEncoderLayout = "t5-v1_1-xxl"  # the frozen encoder feeding the aligner
+    text_length: int = 128  # max text tokens (T5 max length); sizes FLOP counts and preprocessing
+    text_drop_prob: float = 0.1  # captions replaced by the null text (for CFG)
+
+    def __post_init__(self) -> None:
+        if self.tokens not in ("discrete", "continuous"):
+            raise ValueError(f"tokens must be 'discrete' or 'continuous'; got {self.tokens!r}")
+        if self.order not in ("raster", "random"):
+            raise ValueError(f"order must be 'raster' or 'random'; got {self.order!r}")
+        for name, cls in (
+            ("backbone", TransformerConfig),
+            ("aligner", AlignerConfig),
+            ("diffloss", DiffLossConfig),
+            ("generation", GenerationConfig),
+        ):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(
+                    f"FluidConfig.{name} must be a {cls.__name__}; got {type(getattr(self, name)).__name__}"
+                )
+        if self.aligner.width != self.backbone.width:
+            raise ValueError(
+                f"aligner.width ({self.aligner.width}) must equal backbone.width ({self.backbone.width})"
+            )
+        if self.tokens == "continuous" and not (self.token_dim and self.token_dim > 0):
+            raise ValueError(f"continuous tokens need token_dim > 0; got {self.token_dim!r}")
+        if self.tokens == "discrete" and not (self.vocab_size and self.vocab_size > 1):
+            raise ValueError(f"discrete tokens need vocab_size > 1; got {self.vocab_size!r}")
+        if not 0.0 <= self.text_drop_prob <= 1.0:
+            raise ValueError(f"text_drop_prob must be in [0, 1]; got {self.text_drop_prob!r}")
+        if self.text_length < 1:
+            raise ValueError(f"text_length must be >= 1; got {self.text_length!r}")
+
+    @property
+    def variant(self) -> str:
+        """``"random-continuous"`` (Fluid), ``"raster-discrete"``, ... (DESIGN.md §1)."""
+        return f"{self.order}-{self.tokens}"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The token grid (rows, cols): the trunk's ``backbone.grid``."""
+        return self.backbone.grid
+
+    @property
+    def num_tokens(self) -> int:
+        return self.backbone.num_tokens
+
+    @property
+    def width(self) -> int:
+        return self.backbone.width
+
+    @property
+    def text_dim(self) -> int:
+        return self.aligner.text_dim
+
+    def check_frozen_parts(
+        self, *, tokenizer: Any = None, text_width: int | None = None, where: str = ""
+    ) -> None:
+        """Raise ValueError unless a tokenizer ``spec`` (kind, grid, token_dim / vocab_size) and
+        a T5 width fit this model; ``where`` names them in the message (e.g. their paths)."""
+        at = f" {where}" if where else ""
+        if tokenizer is not None:
+
+            def describe(kind: str, token_dim: int | None, vocab: int | None) -> str:
+                size = f"{token_dim} channels" if kind == "continuous" else f"{vocab} codes"
+                return f"{kind} tokens ({size})"
+
+            theirs = describe(tokenizer.kind, tokenizer.token_dim, tokenizer.vocab_size)
+            ours = describe(self.tokens, self.token_dim, self.vocab_size)
+            if theirs != ours or tuple(tokenizer.grid) != self.grid:
+                raise ValueError(
+                    f"tokenizer{at} gives {theirs} on a {tuple(tokenizer.grid)} grid; the model "
+                    f"expects {ours} on {self.grid}"
+                )
+        if text_width is not None and text_width != self.text_dim:
+            raise ValueError(
+                f"text encoder{at} has width {text_width}; the model's aligner expects "
+                f"{self.text_dim}"
+            )
+
+    def replace(self, **overrides: Any) -> FluidConfig:
+        """A copy with fields replaced; ``"child.field"`` keys reach into a child config.
+
+        ``cfg.replace(tokens="discrete", **{"backbone.depth": 2, "generation.cfg": 4.0})``
+        """
+        return config_from_dict(FluidConfig, with_overrides(dataclasses.asdict(self), overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, with the layout's ``_format``, as ``config.json`` stores them."""
+        return {"_format": CONFIG_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FluidConfig:
+        """Read :meth:`to_dict`'s values, or a saved config of an earlier format."""
+        data = dict(data)
+        version = data.pop("_format", 1)
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        if version == 1:
+            data = _upgrade_format_1(data)
+        elif version != CONFIG_FORMAT:
+            raise ValueError(
+                f"model config format {version!r} is newer than this fluid-train reads "
+                f"(format {CONFIG_FORMAT}); upgrade fluid-train"
+            )
+        return config_from_dict(cls, data)
+
+
+def _upgrade_format_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 kept the grid at the top level and ``backbone.num_tokens`` beside it."""
+    backbone = dict(data.get("backbone", {}))
+    grid = data.pop("grid", None) or backbone.get("grid")
+    num_tokens = backbone.pop("num_tokens", None)
+    if grid is None and num_tokens is not None:
+        side = math.isqrt(num_tokens)
+        grid = (side, side) if side * side == num_tokens else (1, num_tokens)
+    if grid is not None:
+        backbone["grid"] = list(grid)
+        if num_tokens is not None and grid[0] * grid[1] != num_tokens:
+            raise ValueError(
+                f"saved model config: grid {list(grid)} does not hold backbone.num_tokens "
+                f"{num_tokens}"
+            )
+    data["backbone"] = backbone
+    return data
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerConfig:
+    """AdamW and gradient clipping."""
+
+    lr: float = field(default=1e-4, metadata=_help("peak learning rate, absolute (not batch-scaled)", flag="--lr"))  # fmt: skip
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = field(default=0.02, metadata=_help("AdamW weight decay", flag="--weight-decay"))  # fmt: skip
+    # MAR's value; the paper clips but does not say at what.
+    grad_clip: float | None = field(default=3.0, metadata=_help("max global grad norm (0 = off)", flag="--grad-clip"))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # JSON/TOML give lists
+        if self.grad_clip == 0:
+            self.grad_clip = None
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"optim.lr must be a finite number > 0; got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1); got {self.betas}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0; got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"optim.grad_clip must be > 0, 0 or None (off); got {self.grad_clip}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig:
+    """Linear warmup from lr/warmup to lr, then ``decay`` (the paper: constant)."""
+
+    warmup_steps: int = field(default=65_000, metadata=_help("linear warmup steps", flag="--warmup"))  # fmt: skip
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0  # floor of cosine/linear decay, as a fraction of lr
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be >= 0; got {self.warmup_steps}")
+        if self.decay not in ("constant", "cosine", "linear"):
+            raise ValueError(
+                f"schedule.decay must be 'constant', 'cosine' or 'linear'; got {self.decay!r}"
+            )
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the training data comes from and how it is read (see fluid_train.data)."""
+
+    shards: list[str] = field(default_factory=list, metadata=_help("shards: paths, dirs, globs, {a..b}, URLs", flag="--data", metavar="SHARDS"))  # fmt: skip
+    kind: Literal["auto", "images", "encoded"] = "auto"  # raw img2dataset or `fluid preprocess`
+    shuffle_buffer: int = field(default=1000, metadata=_help("shuffle buffer in samples (0 = shard order)"))  # fmt: skip
+    num_workers: int = field(default=0, metadata=_help("data decoding processes per host"))
+    text_length: int | None = field(default=None, metadata=_help("T5 padding length for image shards (default: the encoder's max)"))  # fmt: skip
+    # Encoded shards up to this many MiB per host (their bytes in the tar) are kept in memory,
+    # decoded, after their first epoch (0: every epoch reads the shards again).
+    memory_mb: float = field(default=0, metadata=_help("encoded shards: MiB per host kept in memory after the first epoch"))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shards, str):
+            self.shards = [self.shards]
+        if self.shuffle_buffer < 0 or self.num_workers < 0 or self.memory_mb < 0:
+            raise ValueError(
+                "data.shuffle_buffer, data.num_workers and data.memory_mb must be >= 0; "
+                f"got {self.shuffle_buffer}, {self.num_workers} and {self.memory_mb}"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """SPMD layout on the xla backend (see fluid_train.parallelize)."""
+
+    dcn_data_parallelism: int | None = field(default=None, metadata=_help("xla: slices on the data axis (default: the slice count)"))  # fmt: skip
+    activation_checkpointing: Literal["none", "block"] = field(default="none", metadata=_help("recompute blocks in the backward pass"))  # fmt: skip
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Everything one training run needs. ``fluid_train.trainer.train(config)`` runs it.
+
+    ``model`` is the model to train; left out, it is the ``preset``'s. ``from_dict`` also takes
+    ``model`` as overrides of the preset (``{"backbone": {"depth": 4}}`` or
+    ``{"backbone.depth": 4}``), as config files and ``fluid train --model`` give it.
+    """
+
+    out: str = field(metadata=_help("run directory", flag="--out", metavar="RUN"))
+    preset: str = field(default="debug", metadata=_help("model preset (fluid info lists them)"))
+    model: FluidConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: str | None = field(default=None, metadata=_help("saved tokenizer dir (image shards; pipeline export)", metavar="DIR"))  # fmt: skip
+    text_encoder: str | None = field(default=None, metadata=_help("saved T5 encoder dir (image shards; pipeline export)", metavar="DIR"))  # fmt: skip
+    steps: int = field(default=1_000_000, metadata=_help("total optimizer steps"))
+    batch_size: int = field(default=2048, metadata=_help("global batch (all devices, all hosts)"))
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema_decay: float = field(default=0.9999, metadata=_help("EMA decay per step"))
+    precision: Precision = field(default="auto", metadata=_help("autocast (auto: bf16 on accelerators, fp32 on CPU)"))  # fmt: skip
+    backend: Backend = field(default="auto", metadata=_help("auto: xla on a TPU host, else eager"))  # fmt: skip
+    device: str | None = field(default=None, metadata=_help("eager device: cpu, cuda, cuda:1 (default: cuda if available)"))  # fmt: skip
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = field(default=0, metadata=_help("seed of the weights, data order and training noise"))  # fmt: skip
+    log_every: int = field(default=100, metadata=_help("steps between metrics lines"))
+    ckpt_every: int = field(default=5000, metadata=_help("steps between checkpoints"))
+    keep_checkpoints: int = field(default=3, metadata=_help("checkpoints kept on disk"))
+    resume: bool = field(default=False, metadata=_help("continue RUN from its latest checkpoint"))
+    export: bool = field(default=True, metadata=_help("export RUN/pipeline from the EMA weights at the end"))  # fmt: skip
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+    def __post_init__(self) -> None:
+        from .presets import get_preset
+
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {self.precision!r}")
+        if self.backend not in typing.get_args(Backend):
+            raise ValueError(
+                f"backend must be one of {list(typing.get_args(Backend))}; got {self.backend!r}"
+            )
+        if self.model is None:
+            self.model = get_preset(self.preset)
+        elif not isinstance(self.model, FluidConfig):
+            raise TypeError(
+                f"TrainConfig.model must be a FluidConfig (e.g. get_preset(name, ...)); got "
+                f"{type(self.model).__name__}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["model"] = self.model.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from nested plain values; unknown keys are an error naming the key."""
+        from .presets import get_preset
+
+        values = dict(values)
+        model = values.pop("model", None)
+        config = config_from_dict(cls, values)
+        if model is None:
+            return config
+        if not isinstance(model, Mapping):
+            raise ValueError(f"model must be a table of FluidConfig fields; got {model!r}")
+        if "_format" in model:  # a whole saved model config
+            config.model = FluidConfig.from_dict(model)
+        else:  # overrides of the preset
+            config.model = get_preset(config.preset).replace(**dict(model))
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a ``.json`` or ``.toml`` file; ``overrides`` (nested dicts merge) win."""
+        return cls.from_dict(merge(load_config_file(path), overrides))
+
+
+# ---------------------------------------------------------------------------------- values
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The values of a ``.json`` or ``.toml`` config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix == ".toml":
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    if path.suffix == ".json":
+        values = json.loads(path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a JSON object; got {type(values)}")
+        return values
+    raise ValueError(f"config file {path} must end in .json or .toml")
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``overrides`` win; nested dicts merge key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def with_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``overrides`` merged in; a key ``"a.b"`` sets ``values["a"]["b"]``."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *parents, name = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r}: {parent!r} is set to a value, not a table")
+        node[name] = value
+    return merge(values, nested)
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
+    """An instance of dataclass ``cls`` from nested plain values (JSON, TOML, flags).
+
+    Nested dataclasses come from tables; lists become tuples where a tuple is expected and ints
+    become floats where a float is. An unknown key, a value of the wrong type or a choice
+    outside a ``Literal`` raises ValueError naming the dotted key and what was expected.
+    """
+    if not isinstance(values, Mapping):
+        raise ValueError(
+            f"{where or 'config'} must be a table of {cls.__name__} fields; got {values!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown {cls.__name__} key(s) {', '.join(where + k for k in unknown)}; "
+            f"expected some of {', '.join(where + k for k in fields)}"
+        )
+    kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a required field missing
+        raise ValueError(f"{where.rstrip('.') or cls.__name__}: {error}") from error
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """``value`` as type ``hint`` (recursing into dataclasses), or a ValueError naming ``key``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or isinstance(hint, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if hint is FluidConfig and isinstance(value, Mapping):
+            return FluidConfig.from_dict(value)
+        return config_from_dict(hint, value, where=f"{key}.")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key} must be one of {list(args)}; got {value!r}")
+        return value
+    if origin is list and isinstance(value, str):
+        value = [value]  # one item where a list is expected (a single shard, say)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list; got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{key} must have {len(args)} items; got {value!r}")
+            return tuple(
+                _coerce(a, v, f"{key}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping) or hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer; got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false; got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string; got {value!r}")
+        return value
+    return value
