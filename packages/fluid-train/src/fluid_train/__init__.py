@@ -10,10 +10,8 @@ command line's parsing) does not import torch, transformers or diffusers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from .__about__ import __version__
+from ._lazy import lazy_attributes
 
 # name -> submodule: loaded on first access (PEP 562), so importing the package is cheap.
 _LAZY = {
@@ -68,19 +66,5 @@ _LAZY = {
         "train",
     ),
 }
-_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_NAMES:
-        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
-__all__ = ["__version__", *_LAZY_NAMES]
+__getattr__, __dir__, __all__ = lazy_attributes(__name__, _LAZY)
+__all__ = ["__version__", *__all__]

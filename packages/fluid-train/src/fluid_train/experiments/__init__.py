@@ -13,8 +13,7 @@ They use fluid-train's public API only (presets, the trainer, the pipeline, prep
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_attributes
 
 _LAZY = {
     "settings": (
@@ -34,15 +33,4 @@ _LAZY = {
     "study": ("format_table", "run_study", "steps_for_budget"),
     "machine": ("auto_threads", "configure_cpu"),
 }
-_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_NAMES:
-        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_LAZY_NAMES)
+__getattr__, __dir__, __all__ = lazy_attributes(__name__, _LAZY)
