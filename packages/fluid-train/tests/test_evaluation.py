@@ -55,10 +55,12 @@ def test_eval_coco_end_to_end_on_a_synthetic_layout(tmp_path, tiny_pipeline):
     assert _run_eval(argv) == 0
     report = json.loads((out / "report.json").read_text())
     pairs = sample_coco_pairs(captions, num=5, seed=0)
-    assert [json.loads(line)["caption"] for line in (out / "pairs.jsonl").read_text().splitlines()] == [
-        p.caption for p in pairs
+    assert [
+        json.loads(line)["caption"] for line in (out / "pairs.jsonl").read_text().splitlines()
+    ] == [p.caption for p in pairs]
+    index = [
+        json.loads(line) for line in (out / "samples" / "index.jsonl").read_text().splitlines()
     ]
-    index = [json.loads(line) for line in (out / "samples" / "index.jsonl").read_text().splitlines()]
     assert [e["prompt"] for e in index] == [p.caption for p in pairs]
     samples = sorted((out / "samples").glob("0*.png"))
     assert len(samples) == 5 and all(Image.open(p).size == (16, 16) for p in samples)

@@ -109,8 +109,13 @@ def coco_fid(
         "captions": str(captions),
         "images": str(images),
         "model": model,
-        "settings": {"num": num, "pairs_seed": pairs_seed, "seed": seed,
-                     "batch_size": batch_size, "options": options},  # fmt: skip
+        "settings": {
+            "num": num,
+            "pairs_seed": pairs_seed,
+            "seed": seed,
+            "batch_size": batch_size,
+            "options": options,
+        },  # fmt: skip
         "backend": runner.backend,
         "processes": processes.count,
         "images_generated": stats.images_generated,
@@ -245,7 +250,6 @@ def shard_validation_loss(
 ) -> ShardLoss:
     """The training objective averaged over ``shards`` (see the module docstring); every
     process calls this with the same arguments and gets the same result."""
-    from fluid_eval.loss import validation_loss
 
     from .sampling import Processes
 

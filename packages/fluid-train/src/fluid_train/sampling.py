@@ -256,7 +256,11 @@ class GenEvalFolders:
     """
 
     def __init__(
-        self, out: str | os.PathLike, entries: Sequence[Mapping[str, Any]], *, images_per_prompt: int
+        self,
+        out: str | os.PathLike,
+        entries: Sequence[Mapping[str, Any]],
+        *,
+        images_per_prompt: int,
     ):
         self.out = Path(out)
         self.entries = list(entries)
@@ -292,16 +296,23 @@ class GenEvalFolders:
         _write_sheet(files, captions, self.out / "grid.png", columns=self.images_per_prompt)
 
 
-def _write_sheet(files: Sequence[Path], captions: Sequence[str], path: Path, *, columns: int) -> None:
+def _write_sheet(
+    files: Sequence[Path], captions: Sequence[str], path: Path, *, columns: int
+) -> None:
     from PIL import Image
 
     from .pipeline import contact_sheet
 
-    images = []
-    for file in files:
+    images, shown = [], []
+    for file, caption in zip(files, captions, strict=True):
+        if not file.is_file():  # written by another host onto a disk this one cannot see
+            continue
         with Image.open(file) as image:
             images.append(image.convert("RGB"))
-    sheet = contact_sheet(images, list(captions), columns=columns)
+        shown.append(caption)
+    if not images:
+        return
+    sheet = contact_sheet(images, shown, columns=columns)
     tmp = path.with_name(f".{path.name}.tmp")
     sheet.save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -336,8 +347,9 @@ class EagerSampler:
 
 class SpmdSampler:
     """torch_xla SPMD: a chunk is one global batch, its rows padded (by repeating the last
-    prompt) to a multiple of the mesh's device count and sharded on the batch dimension;
-    the images come back as uint8, gathered on every host.
+    prompt) to ``batch_size`` rounded up to a multiple of the mesh's device count — every chunk,
+    the last one included, has the same shape, so the graphs compiled for the first are reused —
+    and sharded on the batch dimension; the images come back as uint8, gathered on every host.
 
     XLA has no ``torch.Generator``: the chunk seed seeds the device RNG
     (``xm.set_rng_state``) and generation draws from it.
@@ -345,8 +357,11 @@ class SpmdSampler:
 
     spmd = True
 
-    def __init__(self, pipeline: FluidPipeline, mesh: Any, *, options: Mapping[str, Any]):
+    def __init__(
+        self, pipeline: FluidPipeline, mesh: Any, *, batch_size: int, options: Mapping[str, Any]
+    ):
         self.pipeline, self.mesh, self.options = pipeline, mesh, dict(options)
+        self.batch_size = batch_size
         self.num_devices = int(np.prod(list(dict(mesh.shape()).values())))
 
     def __call__(self, prompts: list[str], seed: int) -> np.ndarray:
@@ -354,7 +369,7 @@ class SpmdSampler:
 
         from .parallelize import replicate, shard_batch
 
-        rows = padded_rows(len(prompts), self.num_devices)
+        rows = padded_rows(max(len(prompts), self.batch_size), self.num_devices)
         padded = prompts + [prompts[-1]] * (rows - len(prompts))
         device = self.pipeline.device
         text = self.pipeline.encode_prompts(padded)
@@ -539,7 +554,12 @@ def prepare(
         xr.use_spmd()
         processes = Processes.from_environment(xla=True)
         pipeline = FluidPipeline.from_pretrained(model, device=torch_xla.device())
-        return Runner(pipeline, SpmdSampler(pipeline, build_mesh(), options=options), processes, name)
+        return Runner(
+            pipeline,
+            SpmdSampler(pipeline, build_mesh(), batch_size=batch_size, options=options),
+            processes,
+            name,
+        )
     processes = Processes.from_environment()
     if device is None:
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -106,9 +106,13 @@ def _add_loss(sub: Any) -> None:
     loss.add_argument("--data", required=True, nargs="+",
                       help="held-out shards: paths, directories, globs, {a..b} patterns, URLs")  # fmt: skip
     loss.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    loss.add_argument("--seed", type=int, default=0, help="seed of the objective's noise (default 0)")
+    loss.add_argument(
+        "--seed", type=int, default=0, help="seed of the objective's noise (default 0)"
+    )
     loss.add_argument("--out", type=Path, metavar="FILE", help="also write the result as JSON here")
-    loss.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    loss.add_argument(
+        "--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)"
+    )
     loss.add_argument("--json", action="store_true", help="print the result as JSON")
     loss.set_defaults(func=_errors_exit_2(_loss))
 

@@ -41,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, *, images_per_prompt: bool = True) -> None:
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, *, images_per_prompt: bool = True
+) -> None:
     """The options of distributed generation, shared by ``generate`` and ``eval coco``."""
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
