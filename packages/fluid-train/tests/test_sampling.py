@@ -21,6 +21,7 @@ from fluid_train.sampling import (
     Chunk,
     EagerSampler,
     GenEvalFolders,
+    Processes,
     PromptFiles,
     chunk_seed,
     deal,
@@ -273,3 +274,62 @@ def test_spmd_sampler_shards_the_padded_batch_and_gathers_rows(tmp_path):
         low, high = ((code / 100 + 1) * 127.5), ((code + 1) / 100 + 1) * 127.5
         assert low - 0.5 <= value <= high + 0.5
     assert report["same_seed"] and report["other_seed"]
+
+
+# ---------------------------------------------------------------------- who writes what
+
+
+class _Alone(Processes):
+    """One of ``count`` processes, run alone: collectives see only this process's part."""
+
+    def barrier(self) -> None:
+        pass
+
+    def union(self, values: set[int]) -> set[int]:
+        return set(values)
+
+
+class _CodeSampler:
+    """Rows that encode their prompt (no model): pixel = prompt's first digit * 20."""
+
+    def __init__(self, spmd: bool):
+        self.spmd, self.calls = spmd, []
+
+    def __call__(self, prompts, seed):
+        self.calls.append(seed)
+        return np.stack([np.full((2, 2, 3), 20 * int(p[0]), np.uint8) for p in prompts])
+
+
+@pytest.mark.parametrize("spmd", [False, True], ids=["ranks", "spmd-hosts"])
+def test_each_process_writes_its_share(tmp_path, spmd):
+    prompts = [f"{i} things" for i in range(7)]  # 4 chunks of 2 prompts x 2 images
+    kwargs = dict(images_per_prompt=2, batch_size=4, seed=0, progress=False)
+    record = settings_record(prompts, model=None, seed=0, images_per_prompt=2, batch_size=4,
+                             options={}, backend="test")  # fmt: skip
+    written = {}
+    for index in (0, 1):
+        sampler = _CodeSampler(spmd)
+        out = tmp_path / f"process{index}"
+        run_generation(PromptFiles(out, prompts, images_per_prompt=2), sampler, record=record,
+                       processes=_Alone(index=index, count=2), **kwargs)  # fmt: skip
+        written[index] = sorted(p.name for p in out.glob("0*.png"))
+        # ranks: chunks dealt round-robin; SPMD hosts: every host runs every chunk.
+        expected_chunks = range(4) if spmd else range(index, 4, 2)
+        assert sampler.calls == [chunk_seed(0, c) for c in expected_chunks]
+        assert (out / "index.jsonl").is_file() == (index == 0)  # the writer finishes
+    prompts_of = {i: sorted({int(n[:5]) for n in written[i]}) for i in (0, 1)}
+    if spmd:  # each chunk's first prompt on host 0, second on host 1
+        assert prompts_of == {0: [0, 2, 4, 6], 1: [1, 3, 5]}
+    else:
+        assert prompts_of == {0: [0, 1, 4, 5], 1: [2, 3, 6]}
+    assert len(written[0]) + len(written[1]) == 14
+
+
+def test_progress_bar_counts_images_with_a_rate(tmp_path, capsys):
+    prompts = [f"{i} things" for i in range(5)]
+    record = settings_record(prompts, model=None, seed=0, images_per_prompt=2, batch_size=4,
+                             options={}, backend="test")  # fmt: skip
+    run_generation(PromptFiles(tmp_path, prompts, images_per_prompt=2), _CodeSampler(False),
+                   images_per_prompt=2, batch_size=4, seed=0, record=record, progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "images" in err and "10/10" in err and "img/s" in err
