@@ -50,7 +50,7 @@ def test_eval_coco_end_to_end_on_a_synthetic_layout(tmp_path, tiny_pipeline):
     captions, images = write_coco(tmp_path / "coco")
     out = tmp_path / "fid"
     argv = ["coco", "--model", str(tmp_path / "run"), "--captions", str(captions), "--images",
-            str(images), "--out", str(out), "--num", "5", "--feature", "shapes", "--steps", "2",
+            str(images), "--out", str(out), "--num-pairs", "5", "--feature", "shapes", "--steps", "2",
             "--cfg", "2", "--batch-size", "2", "--no-progress"]  # fmt: skip
     assert _run_eval(argv) == 0
     report = json.loads((out / "report.json").read_text())
@@ -77,6 +77,10 @@ def test_eval_coco_end_to_end_on_a_synthetic_layout(tmp_path, tiny_pipeline):
     again = json.loads((out / "report.json").read_text())
     assert again["images_generated"] == 0 and again["prompts_resumed"] == 5
     assert again["fid"] == pytest.approx(report["fid"])
+    # Under torchrun only rank 0 computes FID: the metric must not wait for the other ranks.
+    from fluid_eval.fid import make_fid
+
+    assert make_fid("shapes").sync_on_compute is False
 
 
 def test_eval_coco_names_missing_inputs(tmp_path, tiny_pipeline, capsys):
@@ -85,9 +89,9 @@ def test_eval_coco_names_missing_inputs(tmp_path, tiny_pipeline, capsys):
     next(images.glob("*.jpg")).unlink()
     base = ["coco", "--model", str(tmp_path / "run"), "--captions", str(captions), "--images",
             str(images), "--out", str(tmp_path / "fid"), "--no-progress"]  # fmt: skip
-    assert _run_eval([*base, "--num", "7", "--feature", "shapes"]) == 2
+    assert _run_eval([*base, "--num-pairs", "7", "--feature", "shapes"]) == 2
     assert "1 of the 7 sampled COCO images are missing" in capsys.readouterr().err
-    assert _run_eval([*base, "--num", "3"]) == 2  # inception without its weights file
+    assert _run_eval([*base, "--num-pairs", "3"]) == 2  # inception without its weights file
     assert "weights_path" in capsys.readouterr().err
     assert not (tmp_path / "fid" / "samples").exists()  # failed before generating
 

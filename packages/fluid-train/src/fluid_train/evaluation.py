@@ -110,7 +110,7 @@ def coco_fid(
         "images": str(images),
         "model": model,
         "settings": {
-            "num": num,
+            "num_pairs": num,
             "pairs_seed": pairs_seed,
             "seed": seed,
             "batch_size": batch_size,

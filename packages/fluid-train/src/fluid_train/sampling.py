@@ -196,7 +196,7 @@ class Layout(Protocol):
 
     def write(self, prompt: int, images: Sequence[Image.Image]) -> None: ...
 
-    def finish(self) -> None:
+    def finish(self, *, seed: int | None = None) -> None:
         """After every process is done (writer only): indexes, contact sheet, clean-up."""
 
 

@@ -43,7 +43,7 @@ def _add_coco(sub: Any) -> None:
 
     coco = sub.add_parser(
         "coco", help="zero-shot FID on MS-COCO 2014 (FID-30K): generate captions, score",
-        description="Draw --num caption-image pairs (seeded) from a COCO captions file, generate "
+        description="Draw --num-pairs caption-image pairs (seeded) from a COCO captions file, generate "
         "one image per caption on every rank/device (resumable), compute FID against the real "
         "images center-cropped and resized to the model resolution, write OUT/report.json.",
     )  # fmt: skip
@@ -54,7 +54,9 @@ def _add_coco(sub: Any) -> None:
                       help="folder holding the captions file's images (train2014/)")  # fmt: skip
     coco.add_argument("--out", required=True, type=Path, metavar="DIR",
                       help="samples/, pairs.jsonl and report.json go here")  # fmt: skip
-    coco.add_argument("--num", type=int, default=30_000, help="caption-image pairs (default 30000)")
+    coco.add_argument(
+        "--num-pairs", type=int, default=30_000, help="caption-image pairs (default 30000)"
+    )
     coco.add_argument("--pairs-seed", type=int, default=0,
                       help="seed of the pair draw (default 0)")  # fmt: skip
     coco.add_argument("--feature", choices=("inception", "shapes"), default="inception",
@@ -80,7 +82,7 @@ def _coco(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, options=options)  # fmt: skip
     fid_device = args.fid_device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = coco_fid(
-        runner, captions=args.captions, images=args.images, out=args.out, num=args.num,
+        runner, captions=args.captions, images=args.images, out=args.out, num=args.num_pairs,
         pairs_seed=args.pairs_seed, seed=args.seed, batch_size=args.batch_size,
         feature=args.feature, inception_weights=args.inception_weights,
         fid_batch_size=args.fid_batch_size, fid_device=fid_device,
