@@ -107,7 +107,7 @@ def _run_generate(argv):
     return args.func(args)
 
 
-def test_one_and_two_processes_write_identical_files(tmp_path, tiny_pipeline):
+def test_one_and_two_processes_write_identical_files(tmp_path, tiny_pipeline, capsys):
     from fluid_eval import write_prompts
     from fluid_eval.geneval import read_layout
 
@@ -133,6 +133,11 @@ def test_one_and_two_processes_write_identical_files(tmp_path, tiny_pipeline):
     assert all(len(samples) == 2 for _, _, samples in layout.folders)
     assert not (tmp_path / "two" / ".partial").exists()
     assert json.loads((tmp_path / "two" / "generation.json").read_text())["backend"] == "eager"
+    # The same folder with another seed: refused, naming the change, nothing rewritten.
+    capsys.readouterr()
+    assert _run_generate([*argv, "--out", str(tmp_path / "two"), "--seed", "1"]) == 2
+    assert "seed 0 -> 1" in capsys.readouterr().err
+    assert _files(tmp_path / "two") == two
 
 
 class _Interrupt(Exception):

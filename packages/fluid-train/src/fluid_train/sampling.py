@@ -564,6 +564,8 @@ def prepare(
     if device is None:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
     pipeline = FluidPipeline.from_pretrained(model, device=device)
     return Runner(
         pipeline, EagerSampler(pipeline, batch_size=batch_size, options=options), processes, name

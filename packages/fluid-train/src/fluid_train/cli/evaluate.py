@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from fluid_eval.cli import _run as exit_2_on_bad_input
 from fluid_eval.cli import add_eval_commands
 
 
@@ -22,17 +22,6 @@ def register(subparsers: Any) -> None:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     _add_coco(sub)
     _add_loss(sub)
-
-
-def _errors_exit_2(work):
-    def command(args: argparse.Namespace) -> int:
-        try:
-            return int(work(args) or 0)
-        except (FileNotFoundError, ValueError, ImportError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    return command
 
 
 # ---------------------------------------------------------------------- coco
@@ -67,7 +56,7 @@ def _add_coco(sub: Any) -> None:
     coco.add_argument("--fid-batch-size", type=int, default=64)
     coco.add_argument("--fid-device", help="device of the FID network (default cuda if available, else cpu)")  # fmt: skip
     add_sampling_arguments(coco, images_per_prompt=False)
-    coco.set_defaults(func=_errors_exit_2(_coco))
+    coco.set_defaults(func=exit_2_on_bad_input(_coco))
 
 
 def _coco(args: argparse.Namespace) -> int:
@@ -86,7 +75,7 @@ def _coco(args: argparse.Namespace) -> int:
         pairs_seed=args.pairs_seed, seed=args.seed, batch_size=args.batch_size,
         feature=args.feature, inception_weights=args.inception_weights,
         fid_batch_size=args.fid_batch_size, fid_device=fid_device,
-        progress=not args.no_progress, options=options, model=str(Path(args.model).resolve()),
+        progress=not args.no_progress, options=options, model=_model_path(args.model),
     )  # fmt: skip
     if report is not None:
         print(f"FID-{report['num_images']} ({args.feature} features): {report['fid']:.4f}  "
@@ -116,7 +105,7 @@ def _add_loss(sub: Any) -> None:
         "--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)"
     )
     loss.add_argument("--json", action="store_true", help="print the result as JSON")
-    loss.set_defaults(func=_errors_exit_2(_loss))
+    loss.set_defaults(func=exit_2_on_bad_input(_loss))
 
 
 def _loss(args: argparse.Namespace) -> int:
@@ -148,7 +137,7 @@ def _loss(args: argparse.Namespace) -> int:
         model = FluidModel.from_pretrained(find_pipeline(args.model), subfolder="model").to(device)
     result = shard_validation_loss(model, shards, batch_size=args.batch_size, seed=args.seed,
                                    device=device, encoders=encoders, processes=processes)  # fmt: skip
-    payload = {**result.to_dict(), "model": str(Path(args.model).resolve()), "data": args.data}
+    payload = {**result.to_dict(), "model": _model_path(args.model), "data": args.data}
     if processes.is_writer:
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,3 +147,10 @@ def _loss(args: argparse.Namespace) -> int:
                 f"({result.processes} processes)")  # fmt: skip
         print(json.dumps(payload, indent=2) if args.json else text)
     return 0
+
+
+def _model_path(model: str) -> str:
+    """The pipeline directory a --model names (a run resolves to RUN/pipeline), absolute."""
+    from fluid_train.pipeline import find_pipeline
+
+    return str(find_pipeline(model).resolve())

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fluid_eval.cli import _run as exit_2_on_bad_input
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -38,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     add_sampling_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=exit_2_on_bad_input(run))
 
 
 def add_sampling_arguments(
@@ -175,6 +177,7 @@ def _check_counts(images_per_prompt: int, batch_size: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fluid_train.pipeline import find_pipeline
     from fluid_train.sampling import prepare
 
     options = sampling_options(args)
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "progress": not args.no_progress,
         "runner": runner,
-        "model": str(Path(args.model).resolve()),
+        "model": str(find_pipeline(args.model).resolve()),
         **options,
     }
     if args.metadata is not None:
