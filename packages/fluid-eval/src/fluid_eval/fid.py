@@ -105,7 +105,10 @@ def make_fid(
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> FrechetInceptionDistance:
-    """A torchmetrics FID metric that takes float images in ``[0, 1]`` (``normalize=True``)."""
+    """A torchmetrics FID metric that takes float images in ``[0, 1]`` (``normalize=True``).
+
+    It scores what this process feeds it: ``compute`` does not gather states from other
+    torch.distributed ranks (under torchrun only one rank computes FID)."""
     if feature == "inception":
         if weights_path is None:
             raise ValueError(
@@ -120,12 +123,15 @@ def make_fid(
                 "Inception FID needs torch-fidelity: pip install 'fluid-eval[fid]'"
             ) from None
         metric = FrechetInceptionDistance(
-            feature=2048, normalize=True, feature_extractor_weights_path=str(weights_path)
-        )
+            feature=2048, normalize=True, feature_extractor_weights_path=str(weights_path),
+            sync_on_compute=False,
+        )  # fmt: skip
     elif feature == "shapes":
-        metric = FrechetInceptionDistance(feature=ShapesFeatureNet(seed=seed), normalize=True)
+        metric = FrechetInceptionDistance(
+            feature=ShapesFeatureNet(seed=seed), normalize=True, sync_on_compute=False
+        )
     elif isinstance(feature, nn.Module):
-        metric = FrechetInceptionDistance(feature=feature, normalize=True)
+        metric = FrechetInceptionDistance(feature=feature, normalize=True, sync_on_compute=False)
     else:
         raise ValueError(f"feature must be 'shapes', 'inception' or an nn.Module; got {feature!r}")
     return metric.to(device) if device is not None else metric

@@ -38,6 +38,8 @@ __all__ = [
     "mesh_shape_for",
     "param_partition_spec",
     "parallelize_xla",
+    "replicate",
+    "shard_batch",
     "shard_like",
 ]
 
@@ -170,6 +172,22 @@ def batch_sharding(mesh: Mesh, example: dict[str, Tensor], *, minibatch: bool) -
         name: xs.ShardingSpec(mesh, batch_partition_spec(tensor.ndim), minibatch=minibatch)
         for name, tensor in example.items()
     }
+
+
+def shard_batch(tensor: Tensor, mesh: Mesh) -> Tensor:
+    """Generation: shard an input ``[B, ...]`` on the xla device over the batch axes."""
+    import torch_xla.distributed.spmd as xs
+
+    xs.mark_sharding(tensor, mesh, batch_partition_spec(tensor.ndim))
+    return tensor
+
+
+def replicate(tensor: Tensor, mesh: Mesh) -> Tensor:
+    """Replicate ``tensor`` on every device (an all-gather), so every host can read it whole."""
+    import torch_xla.distributed.spmd as xs
+
+    xs.mark_sharding(tensor, mesh, (None,) * tensor.ndim)
+    return tensor
 
 
 # ---------------------------------------------------------------------- eager

@@ -5,17 +5,22 @@ export lives in ``RUN/pipeline/``. With ``--prompt``, images go to ``OUT/{prompt
 with ``OUT/index.jsonl`` naming each file's prompt; with ``--metadata``, to GenEval's official
 layout (``OUT/{index:05}/metadata.jsonl`` + ``samples/{k:04}.png``, written by fluid_eval).
 Both write ``OUT/grid.png``: the images with their prompts underneath.
+
+Every rank of ``torchrun --nproc-per-node N -m fluid_train.cli generate ...`` makes its share;
+with ``--backend xla`` (one process per host) the batch is sharded over every device. An image
+depends only on the seed, its prompt and sample index and the settings (batch size included),
+not on the number of processes. An interrupted run started again with the same command
+continues where it stopped and never rewrites a finished prompt.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-MAX_SHEET_IMAGES = 64
+from fluid_eval.cli import _run as exit_2_on_bad_input
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--metadata", type=Path, metavar="FILE", help="GenEval evaluation_metadata.jsonl"
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    add_sampling_arguments(parser)
+    parser.set_defaults(func=exit_2_on_bad_input(run))
+
+
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, *, images_per_prompt: bool = True
+) -> None:
+    """The options of distributed generation, shared by ``generate`` and ``eval coco``."""
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--steps", type=int, help="random-order generation steps (default: the model's, 64)"
@@ -47,17 +60,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--order-policy", choices=("random", "confidence"), help="random-discrete: reveal order"
     )
     parser.add_argument("--top-k", type=int, help="discrete tokens: sample among the k most likely")
+    if images_per_prompt:
+        parser.add_argument(
+            "--images-per-prompt", type=int, default=4, help="images per prompt (default 4)"
+        )
     parser.add_argument(
-        "--images-per-prompt", type=int, default=4, help="images per prompt (default 4)"
-    )
+        "--batch-size", type=int, default=16,
+        help="images generated at once (default 16; xla: the global batch over all devices). "
+        "Part of what fixes the images: chunks of batch-size // images-per-prompt prompts "
+        "share one random stream",
+    )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=int, default=16, help="images generated at once (default 16)"
-    )
+        "--backend", choices=("auto", "eager", "xla"), default="auto",
+        help="eager: this process's device; xla: SPMD over every device of every host "
+        "(default auto: xla on a TPU host)",
+    )  # fmt: skip
     parser.add_argument(
-        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
-    )
+        "--device", default=None,
+        help="eager: torch device (default: cuda:LOCAL_RANK if available, else cpu)",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.set_defaults(func=run)
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,50 +101,21 @@ def generate_prompts(
     *,
     images_per_prompt: int = 4,
     batch_size: int = 16,
-    seed: int | None = 0,
+    seed: int = 0,
     progress: bool = True,
+    runner: Any = None,
+    model: str | None = None,
     **options: Any,
 ) -> list[Path]:
-    """Write ``images_per_prompt`` PNGs per prompt, ``index.jsonl`` and ``grid.png``; return the PNGs."""
-    from tqdm.auto import tqdm
-
-    from fluid_train.pipeline import contact_sheet
+    """Write ``images_per_prompt`` PNGs per prompt, ``index.jsonl`` and ``grid.png``; return the
+    PNGs. Resumable; spread over the processes of ``runner`` (see ``fluid_train.sampling``)."""
+    from fluid_train.sampling import PromptFiles
 
     _check_counts(images_per_prompt, batch_size)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [(i, k) for i, _ in enumerate(prompts) for k in range(images_per_prompt)]
-    sampler = pipeline.sampler(seed=seed, progress=progress, **options)
-    files, images = [], []
-    with tqdm(total=len(jobs), desc="images", unit="img", disable=not progress) as bar:
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
-            batch = sampler.generate([prompts[i] for i, _ in chunk])
-            for (i, k), image in zip(chunk, batch, strict=True):
-                path = out / f"{i:05}_{k:02}.png"
-                image.save(path)
-                files.append(path)
-                images.append(image)
-            bar.update(len(chunk))
-    with open(out / "index.jsonl", "w") as fp:
-        for (i, k), path in zip(jobs, files, strict=True):
-            fp.write(
-                json.dumps(
-                    {
-                        "file": path.name,
-                        "prompt": prompts[i],
-                        "prompt_index": i,
-                        "sample": k,
-                        "seed": seed,
-                    }
-                )
-                + "\n"
-            )
-    captions = [prompts[i] for i, _ in jobs]
-    contact_sheet(
-        images[:MAX_SHEET_IMAGES], captions[:MAX_SHEET_IMAGES], columns=images_per_prompt
-    ).save(out / "grid.png")
-    return files
+    layout = PromptFiles(out, prompts, images_per_prompt=images_per_prompt)
+    _run(layout, pipeline, runner, images_per_prompt=images_per_prompt, batch_size=batch_size,
+         seed=seed, progress=progress, model=model, options=options)  # fmt: skip
+    return layout.files()
 
 
 def generate_geneval(
@@ -132,39 +125,48 @@ def generate_geneval(
     *,
     images_per_prompt: int = 4,
     batch_size: int = 16,
-    seed: int | None = 0,
+    seed: int = 0,
     progress: bool = True,
+    runner: Any = None,
+    model: str | None = None,
     **options: Any,
 ) -> Path:
-    """Generate for a GenEval metadata file in the official layout, plus ``grid.png``."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from fluid_eval import load_metadata, write_generations
-    from fluid_train.pipeline import contact_sheet
+    """Generate for a GenEval metadata file in the official layout, plus ``grid.png``;
+    resumable and spread over the processes of ``runner`` like :func:`generate_prompts`."""
+    from fluid_eval import load_metadata
+    from fluid_train.sampling import GenEvalFolders
 
     _check_counts(images_per_prompt, batch_size)
-    entries = load_metadata(metadata)
-    out = Path(out)
-    sampler = pipeline.sampler(seed=seed, progress=progress, **options)
-    with tqdm(total=len(entries), desc="prompts", unit="prompt", disable=not progress) as bar:
-        write_generations(
-            sampler,
-            entries,
-            out,
-            n_samples=images_per_prompt,
-            batch_size=batch_size,
-            progress=lambda done, total: bar.update(done - bar.n),
+    layout = GenEvalFolders(out, load_metadata(metadata), images_per_prompt=images_per_prompt)
+    _run(layout, pipeline, runner, images_per_prompt=images_per_prompt, batch_size=batch_size,
+         seed=seed, progress=progress, model=model, options=options)  # fmt: skip
+    return Path(out)
+
+
+def _run(layout: Any, pipeline: Any, runner: Any, *, images_per_prompt: int, batch_size: int,
+         seed: int, progress: bool, model: str | None, options: dict[str, Any]) -> Any:  # fmt: skip
+    from fluid_train.sampling import EagerSampler, Processes, run_generation, settings_record
+
+    if runner is None:  # a pipeline built in Python: this process, its device
+        sampler = EagerSampler(pipeline, batch_size=batch_size, options=options)
+        processes, backend = Processes.from_environment(), "eager"
+    else:
+        sampler, processes, backend = runner.sampler, runner.processes, runner.backend
+    record = settings_record(
+        layout.prompts, model=model, seed=seed, images_per_prompt=images_per_prompt,
+        batch_size=batch_size, options=options, backend=backend,
+    )  # fmt: skip
+    stats = run_generation(
+        layout, sampler, images_per_prompt=images_per_prompt, batch_size=batch_size, seed=seed,
+        record=record, processes=processes, progress=progress,
+    )  # fmt: skip
+    if processes.is_writer and progress:
+        print(
+            f"{stats.images_generated} images in {stats.seconds:.1f} s "
+            f"({stats.images_per_second:.2f} img/s, {processes.count} processes); "
+            f"{stats.prompts_skipped} prompts already done"
         )
-    shown = entries[: max(1, MAX_SHEET_IMAGES // images_per_prompt)]
-    images, captions = [], []
-    for n, entry in enumerate(shown):
-        for k in range(images_per_prompt):
-            with Image.open(out / f"{n:05}" / "samples" / f"{k:04}.png") as image:
-                images.append(image.convert("RGB"))
-            captions.append(str(entry["prompt"]))
-    contact_sheet(images, captions, columns=images_per_prompt).save(out / "grid.png")
-    return out
+    return stats
 
 
 def _check_counts(images_per_prompt: int, batch_size: int) -> None:
@@ -175,23 +177,27 @@ def _check_counts(images_per_prompt: int, batch_size: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from fluid_train.pipeline import find_pipeline
+    from fluid_train.sampling import prepare
 
-    from fluid_train.pipeline import FluidPipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = FluidPipeline.from_pretrained(args.model, device=device)
+    options = sampling_options(args)
+    runner = prepare(args.model, backend=args.backend, device=args.device,
+                     batch_size=args.batch_size, options=options)  # fmt: skip
     common = {
         "images_per_prompt": args.images_per_prompt,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "progress": not args.no_progress,
-        **sampling_options(args),
+        "runner": runner,
+        "model": str(find_pipeline(args.model).resolve()),
+        **options,
     }
     if args.metadata is not None:
-        out = generate_geneval(pipeline, args.metadata, args.out, **common)
-        print(f"wrote GenEval folders to {out} and {out / 'grid.png'}")
+        out = generate_geneval(runner.pipeline, args.metadata, args.out, **common)
+        message = f"wrote GenEval folders to {out} and {out / 'grid.png'}"
     else:
-        files = generate_prompts(pipeline, args.prompt, args.out, **common)
-        print(f"wrote {len(files)} images to {args.out} and {Path(args.out) / 'grid.png'}")
+        files = generate_prompts(runner.pipeline, args.prompt, args.out, **common)
+        message = f"wrote {len(files)} images to {args.out} and {Path(args.out) / 'grid.png'}"
+    if runner.processes.is_writer:
+        print(message)
     return 0
