@@ -72,7 +72,7 @@ def _help(text: str, **extra: Any) -> dict[str, Any]:
 class GenerationConfig:
     """Sampling options: a model's defaults, and what a caller passes to override them."""
 
-    num_steps: int = field(default=64, metadata=_help("random order: generation steps K (raster always takes N)"))  # fmt: skip
+    num_steps: int = field(default=64, metadata=_help("random order: generation steps K (raster always takes N)", flag="--steps", metavar="K"))  # fmt: skip
     cfg: float = field(default=3.0, metadata=_help("classifier-free guidance scale (1 = off)"))
     cfg_schedule: CfgSchedule = field(default="linear", metadata=_help("guidance over the steps"))
     temperature: float = field(default=1.0, metadata=_help("softmax temperature / DiffLoss noise scale"))  # fmt: skip

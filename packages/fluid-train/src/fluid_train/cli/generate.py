@@ -47,19 +47,17 @@ def add_sampling_arguments(
     parser: argparse.ArgumentParser, *, images_per_prompt: bool = True
 ) -> None:
     """The options of distributed generation, shared by ``generate`` and ``eval coco``."""
+    from fluid_train.config import GenerationConfig
+
+    from .options import add_config_flags
+
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--steps", type=int, help="random-order generation steps (default: the model's, 64)"
-    )
-    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument(
-        "--cfg-schedule", choices=("linear", "constant"), help="guidance schedule over steps"
-    )
-    parser.add_argument("--temperature", type=float, help="sampling temperature")
-    parser.add_argument(
-        "--order-policy", choices=("random", "confidence"), help="random-discrete: reveal order"
-    )
-    parser.add_argument("--top-k", type=int, help="discrete tokens: sample among the k most likely")
+    # The sampling options are GenerationConfig's fields; left out, the model's own defaults
+    # (its config's ``generation``) apply.
+    add_config_flags(
+        parser.add_argument_group("sampling (default: the model's)"), GenerationConfig,
+        prefix="generation.", show_defaults=False,
+    )  # fmt: skip
     if images_per_prompt:
         parser.add_argument(
             "--images-per-prompt", type=int, default=4, help="images per prompt (default 4)"
@@ -83,15 +81,12 @@ def add_sampling_arguments(
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {
-        "num_steps": args.steps,
-        "cfg": args.cfg,
-        "cfg_schedule": args.cfg_schedule,
-        "temperature": args.temperature,
-        "order_policy": args.order_policy,
-        "top_k": args.top_k,
-    }
-    return {k: v for k, v in options.items() if v is not None}
+    """The GenerationConfig fields given on the command line (the rest stay the model's)."""
+    from fluid_train.config import GenerationConfig
+
+    from .options import given_values
+
+    return given_values(args, GenerationConfig, prefix="generation.")
 
 
 def generate_prompts(
