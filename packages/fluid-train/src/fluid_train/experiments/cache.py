@@ -26,12 +26,24 @@ Log = Callable[[str], None]
 
 
 class Stages:
-    """Timing and progress lines per stage; remembers which stages came from the cache."""
+    """Timing and progress lines per stage; remembers which stages came from the cache.
 
-    def __init__(self, log: Log) -> None:
+    With ``progress``, a long stage shows a progress bar with its rate and ETA (:meth:`bar`).
+    """
+
+    def __init__(self, log: Log, *, progress: bool = False) -> None:
         self.log = log
+        self.progress = progress
         self.seconds: dict[str, float] = {}
         self.cached: dict[str, bool] = {}
+
+    @contextmanager
+    def bar(self, total: int, desc: str, unit: str) -> Iterator[Any]:
+        """A tqdm bar over ``total`` units (disabled without ``progress``)."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, leave=False) as bar:
+            yield bar
 
     @contextmanager
     def stage(self, name: str, what: str) -> Iterator[None]:

@@ -158,7 +158,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / "cache"
-    stages = Stages(log)
+    stages = Stages(log, progress=progress)
     world = build_world(cache, settings.world, seed=seed, stages=stages)
     config = settings.model_config()
     params = FluidModel.count_params(config).total

@@ -110,9 +110,11 @@ def evaluate_pipeline(
         sampler = pipeline.sampler(seed=seed, **options)
         generated = out / "generated"
         shutil.rmtree(generated, ignore_errors=True)
-        write_generations(
-            sampler, metadata_file, generated, n_samples=k, batch_size=settings.gen_batch_size
-        )
+        with stages.bar(n, "generate", "prompt") as bar:
+            write_generations(
+                sampler, metadata_file, generated, n_samples=k, batch_size=settings.gen_batch_size,
+                progress=lambda done, total: bar.update(done - bar.n),
+            )  # fmt: skip
     with stages.stage("evaluate", "shapes-world GenEval and FID"):
         detector = ShapesDetector()
         report = score_folder(generated, detector, metadata_file=metadata_file)

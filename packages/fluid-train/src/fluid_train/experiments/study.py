@@ -121,7 +121,7 @@ def _run_one(
     config = run_settings.model_config(tokens=tokens, order=order)
     params = FluidModel.count_params(config).total
     run_dir = out / "runs" / f"{variant}-{size.name}"
-    stages = Stages(log)
+    stages = Stages(log, progress=progress)
     with stages.stage("train", f"{variant} {size.name} ({params / 1e6:.2f}M params), {settings.steps} steps"):  # fmt: skip
         pipeline = train_model(
             world, run_settings, run_dir / "run", tokens=tokens, order=order, seed=seed,
@@ -193,7 +193,7 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / "cache"
     tokens = sorted({v.split("-")[1] for v in settings.variants})
-    world = build_world(cache, settings.world, seed=seed, tokens=tokens, stages=Stages(log))
+    world = build_world(cache, settings.world, seed=seed, tokens=tokens, stages=Stages(log, progress=progress))
 
     saved_file = out / "study.json"
     if saved_file.is_file():

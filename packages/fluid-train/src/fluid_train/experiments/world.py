@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .cache import Log, StageCache, Stages
+from .cache import StageCache, Stages
 from .settings import WorldSettings
 
 __all__ = ["World", "build_world"]
@@ -57,14 +58,6 @@ def _captions(shards: Sequence[str]) -> Iterator[str]:
     for url in shards:
         for raw in iter_raw_samples(url):
             yield raw["txt"].decode() if isinstance(raw["txt"], bytes) else str(raw["txt"])
-
-
-def _every(n: int, log: Log, what: str) -> Callable[[int, dict[str, float]], None]:
-    def progress(step: int, metrics: dict[str, float]) -> None:
-        if step % n == 0:
-            log(f"  {what} step {step}: loss {metrics['loss']:.4f}")
-
-    return progress
 
 
 def build_world(
@@ -138,12 +131,14 @@ def build_world(
                 if entry.build:
                     from ..preprocess import preprocess
 
-                    for split, shards in (("train", train_images), ("val", val_images)):
-                        preprocess(
-                            shards, tokenizer=tokenizers[kind], text_encoder=text,
-                            out=entry.build / split, pad_to=world.text_length, batch_size=64,
-                            device="cpu",
-                        )  # fmt: skip
+                    scenes = world.num_images + world.num_val
+                    with stages.bar(scenes, f"encode {kind}", "scene") as bar:
+                        for split, shards in (("train", train_images), ("val", val_images)):
+                            preprocess(
+                                shards, tokenizer=tokenizers[kind], text_encoder=text,
+                                out=entry.build / split, pad_to=world.text_length, batch_size=64,
+                                device="cpu", progress=bar.update,
+                            )  # fmt: skip
         encoded[kind] = (_shards(entry.path / "train"), _shards(entry.path / "val"))
         keys[f"encoded-{kind}"] = entry.path.name
     return World(train_images, val_images, text, tokenizers, encoded, keys)
@@ -173,13 +168,21 @@ def _tokenizer(
         else "VQ tokenizer (512 codes)"
     )
     stages = store.stages
-    with stages.stage("tokenizer", f"train the {what}, {steps} steps"):
+    with stages.stage("tokenizer", f"train the {what}, {steps} steps"), ExitStack() as stack:
         with store.entry(name, settings, stage="tokenizer") as entry:
             if entry.build:
                 images = _load_images(shards, world.vae_images, world.image_size)
+                bar = stack.enter_context(stages.bar(steps, f"{name} tokenizer", "step"))
+
+                def progress(step: int, metrics: dict[str, float]) -> None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                    if step == steps:
+                        stages.log(f"  {name} step {step}: loss {metrics['loss']:.4f}")
+
                 common = {
                     "steps": steps, "batch_size": world.vae_batch_size, "lr": world.vae_lr,
-                    "seed": seed, "progress": _every(max(steps // 4, 1), stages.log, name),
+                    "seed": seed, "progress": progress,
                 }  # fmt: skip
                 if name == "vae":
                     tok = ft.SDVAETokenizer.from_config(ft.shapes_vae_config(), image_size=world.image_size, seed=seed)  # fmt: skip
