@@ -44,7 +44,7 @@ __all__ = [
     "prime_optimizer",
 ]
 
-Backend = Literal["auto", "eager", "xla"]
+Backend = Literal["auto", "eager", "xla", "fsdp"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -114,10 +114,22 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
-    """SPMD layout on the xla backend (see fluid_train.parallelize)."""
+    """Device layout on the xla (SPMD) and fsdp (FSDP2) backends (see fluid_train.parallelize)."""
 
-    dcn_data_parallelism: int | None = None  # slices on the `data` axis; None = slice count
+    # xla: slices on the `data` axis (None = slice count); fsdp: HSDP replicate groups, the
+    # first axis of a (replicate, shard) mesh (None = the node count; 1 = plain FSDP).
+    dcn_data_parallelism: int | None = None
     activation_checkpointing: Literal["none", "block"] = "none"
+    compile: bool = False  # fsdp: torch.compile each transformer block
+    dist_timeout_s: float = 600.0  # fsdp: process-group timeout (a rank waiting on a lost peer)
+
+    def __post_init__(self) -> None:
+        if self.dcn_data_parallelism is not None and self.dcn_data_parallelism < 1:
+            raise ValueError(
+                f"parallel.dcn_data_parallelism must be >= 1; got {self.dcn_data_parallelism}"
+            )
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"parallel.dist_timeout_s must be > 0; got {self.dist_timeout_s}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -131,12 +143,13 @@ class TrainConfig:
     tokenizer: str | None = None  # saved tokenizer dir: needed for image shards and export
     text_encoder: str | None = None  # saved T5 dir: needed for image shards and export
     steps: int = 1_000_000
-    batch_size: int = 2048  # global batch (all devices, all hosts)
+    batch_size: int = 2048  # global batch (all devices, all hosts) of one forward/backward
+    grad_accum: int = 1  # micro-batches per optimizer step (a step sees grad_accum x batch_size)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema_decay: float = 0.9999
     precision: Precision = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU
-    backend: Backend = "auto"  # auto: xla on a TPU host, else eager
+    backend: Backend = "auto"  # auto: xla on a TPU host, fsdp under torchrun (>1 rank), else eager
     device: str | None = None  # eager: "cpu", "cuda", "cuda:1"; None = cuda if available
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
@@ -148,7 +161,14 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "ckpt_every",
+            "keep_checkpoints",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -156,8 +176,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {self.precision!r}")
-        if self.backend not in ("auto", "eager", "xla"):
-            raise ValueError(f"backend must be 'auto', 'eager' or 'xla'; got {self.backend!r}")
+        if self.backend not in ("auto", "eager", "xla", "fsdp"):
+            raise ValueError(
+                f"backend must be 'auto', 'eager', 'xla' or 'fsdp'; got {self.backend!r}"
+            )
 
     # ------------------------------------------------------------------ (de)serialisation
 

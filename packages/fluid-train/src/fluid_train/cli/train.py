@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -41,7 +42,11 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="RUN", help="run directory")
     p.add_argument("--config", metavar="FILE", help="JSON/TOML file with TrainConfig fields")
     p.add_argument("--steps", type=int, help="total optimizer steps (paper: 1M)")
-    p.add_argument("--backend", choices=("auto", "eager", "xla"), help="default auto")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "eager", "xla", "fsdp"),
+        help="default auto: xla on a TPU host, fsdp under torchrun with >1 rank, else eager",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -49,6 +54,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         help="continue RUN from its latest checkpoint",
     )
     p.add_argument("--batch-size", type=int, help="global batch (paper: 2048)")
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        metavar="K",
+        help="micro-batches of --batch-size per optimizer step (default 1)",
+    )
     p.add_argument("--lr", type=float, help="peak learning rate, absolute (paper: 1e-4)")
     p.add_argument("--warmup", type=int, help="linear warmup steps (paper: 65000)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (paper: 0.02)")
@@ -81,7 +92,17 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dcn-data-parallelism",
         type=int,
-        help="xla: slices on the data axis (default: slice count)",
+        help="xla: slices on the data axis (default: slice count); fsdp: HSDP replica "
+        "groups (default: node count; 1 = plain FSDP)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", default=None, help="fsdp: torch.compile each block"
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        metavar="S",
+        help="fsdp: seconds a rank waits on its peers before failing (default 600)",
     )
     p.add_argument(
         "--activation-checkpointing", choices=("none", "block"), help="recompute blocks in backward"
@@ -119,6 +140,7 @@ def build_train_config(args: argparse.Namespace):
         "backend": args.backend,
         "resume": args.resume,
         "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
         "ema_decay": args.ema_decay,
         "precision": args.precision,
         "tokenizer": args.tokenizer,
@@ -142,6 +164,8 @@ def build_train_config(args: argparse.Namespace):
         "parallel": {
             "dcn_data_parallelism": args.dcn_data_parallelism,
             "activation_checkpointing": args.activation_checkpointing,
+            "compile": args.compile,
+            "dist_timeout_s": args.dist_timeout,
         },
     }
     if args.grad_clip == 0:
@@ -187,6 +211,11 @@ def run_train(args: argparse.Namespace) -> int:
     from fluid_train.trainer import NonFiniteLossError, train
 
     _setup_logging()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Under torchrun: an uncaught error of this rank goes into torchrun's failure report.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        train = record(train)
     try:
         config = build_train_config(args)
         result = train(config)
