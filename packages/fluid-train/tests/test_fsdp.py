@@ -39,6 +39,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, os, sys, time
     import torch
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from fluid_train.model import FluidConfig, FluidModel
     from fluid_train.recipe import TrainConfig, clean_name
     from fluid_train.trainer import Trainer
@@ -72,6 +73,11 @@ SCRIPT = textwrap.dedent(
                 "ema": local_and_total(trainer.ema.shadow),
                 "init_max_diff": init,
                 "all_dtensor": all(hasattr(p, "to_local") for p in params),
+                "checkpointed": sum(isinstance(m, CheckpointWrapper) for m in trainer.model.modules()),
+                "any_process": [
+                    trainer.backend.any_process(rank == trainer.backend.process_count - 1),
+                    trainer.backend.any_process(False),
+                ],
             }
         if job.get("fail_at"):
             step_fn = trainer.train_step
@@ -299,7 +305,8 @@ def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tin
 
     # Initial weights equal eager's; every parameter is an FSDP2 shard; ~1/2 per rank.
     probe = report["a"]
-    assert probe["mesh"] == [2] and probe["all_dtensor"]
+    assert probe["mesh"] == [2] and probe["all_dtensor"] and probe["checkpointed"] == 0
+    assert probe["any_process"] == [True, False]
     assert probe["init_max_diff"] == 0.0
     for key in ("params", "moments", "ema"):
         local, total = probe[key]
@@ -376,12 +383,13 @@ def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tin
 
 
 @pytest.mark.slow
-def test_hsdp_2x2_with_4_processes_matches_eager_and_a_failing_rank_stops_all(
+def test_hsdp_2x2_with_4_processes_and_checkpointed_blocks_matches_eager_a_failing_rank_stops_all(
     tmp_path, tiny_config
 ):
     discrete = tiny_config("discrete", "raster", text_drop_prob=0.0)
     data = write_data(tmp_path / "data", discrete)
-    run = values(tmp_path / "h", data, steps=6, export=False, parallel={"dcn_data_parallelism": 2})
+    parallel = {"dcn_data_parallelism": 2, "activation_checkpointing": "block"}
+    run = values(tmp_path / "h", data, steps=6, export=False, parallel=parallel)
     failing = values(tmp_path / "f", data, steps=6, export=False)
     jobs = [
         {"name": "h", "values": run, "probe": True},
@@ -393,6 +401,8 @@ def test_hsdp_2x2_with_4_processes_matches_eager_and_a_failing_rank_stops_all(
     assert report, output[-3000:]
     probe = report["h"]
     assert probe["mesh"] == [2, 2]
+    assert probe["checkpointed"] == discrete.backbone.depth + discrete.aligner.depth
+    assert probe["any_process"] == [True, False]  # rank 3's True reaches rank 0
     local, total = probe["params"]
     assert 0.45 <= local / total <= 0.55  # sharded over 2, replicated over 2
     eager_reference(tmp_path / "ref_h", data, discrete, ranks=4, steps=6, export=False)
