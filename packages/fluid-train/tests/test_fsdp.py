@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from fluid_train.backends import resolve_backend
 from fluid_train.data import HostBatch, TrainLoader, write_shard
-from fluid_train.model import FluidConfig, FluidModel
+from fluid_train.model import FluidConfig
 from fluid_train.preprocess import encoded_sample
 from fluid_train.recipe import TrainConfig
 from fluid_train.trainer import Trainer, train
@@ -294,8 +294,14 @@ def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tin
     # stopped after its step-10 checkpoint, then resumed to 20.
     jobs = [
         {"name": "a", "values": values(tmp_path / "a", data), "probe": True},
-        {"name": "k2", "values": values(tmp_path / "k2", data, steps=4, grad_accum=2, export=False)},
-        {"name": "b16", "values": values(tmp_path / "b16", data, steps=4, batch_size=16, export=False)},
+        {
+            "name": "k2",
+            "values": values(tmp_path / "k2", data, steps=4, grad_accum=2, export=False),
+        },
+        {
+            "name": "b16",
+            "values": values(tmp_path / "b16", data, steps=4, batch_size=16, export=False),
+        },
         {"name": "e2f", "values": values(tmp_path / "e2f", data, steps=10, resume=True)},
         {"name": "b", "values": values(tmp_path / "b", data, steps=10, export=False)},
         {"name": "c", "values": values(tmp_path / "b", data, resume=True, export=False)},
@@ -406,9 +412,7 @@ def test_hsdp_2x2_with_4_processes_and_checkpointed_blocks_matches_eager_a_faili
     local, total = probe["params"]
     assert 0.45 <= local / total <= 0.55  # sharded over 2, replicated over 2
     eager_reference(tmp_path / "ref_h", data, discrete, ranks=4, steps=6, export=False)
-    np.testing.assert_allclose(
-        losses(tmp_path / "h"), losses(tmp_path / "ref_h"), rtol=LOSS_RTOL
-    )
+    np.testing.assert_allclose(losses(tmp_path / "h"), losses(tmp_path / "ref_h"), rtol=LOSS_RTOL)
 
     # Rank 3 raised at step 3 while the others waited in a collective: all stopped, with its
     # error in the output.

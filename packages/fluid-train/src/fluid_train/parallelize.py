@@ -247,7 +247,6 @@ def parallelize_fsdp(
         fully_shard,
         register_fsdp_forward_method,
     )
-
     from torch.distributed.tensor import Shard
 
     shards = mesh.size(mesh.ndim - 1)  # the last mesh dim shards; a first one replicates

@@ -195,9 +195,7 @@ class FsdpBackend(Backend):
             tensors = encode(host_batch)
             yield host_batch, {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
 
-    def run_step(
-        self, step_fn: Callable[..., Any], batch: Any, closure: Callable | None
-    ) -> Any:
+    def run_step(self, step_fn: Callable[..., Any], batch: Any, closure: Callable | None) -> Any:
         out = step_fn(batch)
         if closure is not None:
             closure(out)
