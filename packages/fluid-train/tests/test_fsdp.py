@@ -205,7 +205,20 @@ class RankParts:
         return self.parts[0].skip_totals()
 
     def state_dict(self):
-        return self.parts[0].state_dict()
+        """Every rank's stream, as the N ranks' host files together describe them."""
+        state = self.parts[0].state_dict()
+        for part in self.parts[1:]:
+            state["streams"].update(part.state_dict()["streams"])
+        return state
+
+
+def at_step_10(run: Path, copy: Path) -> None:
+    """``run`` copied as it stood after its step-10 checkpoint (later checkpoints removed)."""
+    shutil.copytree(run, copy)
+    for later in (copy / "checkpoints").glob("step_*"):
+        if later.name > "step_00000010":
+            shutil.rmtree(later)
+    (copy / "checkpoints" / "latest").write_text("step_00000010\n")
 
 
 def free_port() -> int:
@@ -283,12 +296,10 @@ def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tin
     models = {"discrete": discrete.to_dict()}
     data = write_data(tmp_path / "data", discrete)
 
-    # An eager run to step 10, resumed below on 2 ranks (eager checkpoint -> fsdp).
-    eager10 = train(
-        TrainConfig.from_dict(values(tmp_path / "e", data, backend="eager", steps=10)),
-        model_config=discrete,
-    )
-    shutil.copytree(tmp_path / "e", tmp_path / "e2f")
+    # The eager reference on the same global batches; its step-10 checkpoint resumes below on
+    # 2 ranks (eager checkpoint -> fsdp).
+    eager_a = eager_reference(tmp_path / "ref_a", data, discrete, ranks=2)
+    at_step_10(tmp_path / "ref_a", tmp_path / "e2f")
 
     # One launch, 2 ranks: the straight run (probed), grad-accum, eager -> fsdp, and a run
     # stopped after its step-10 checkpoint, then resumed to 20.
@@ -319,7 +330,6 @@ def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tin
         assert 0.45 <= local / total <= 0.55, (key, local, total)
 
     # 2 ranks == eager on the same global batches, 20 steps; the same EMA export (rank 0's).
-    eager_a = eager_reference(tmp_path / "ref_a", data, discrete, ranks=2)
     fsdp_losses, eager_losses = losses(tmp_path / "a"), losses(tmp_path / "ref_a")
     assert len(fsdp_losses) == len(eager_losses) == STEPS
     np.testing.assert_allclose(fsdp_losses, eager_losses, rtol=LOSS_RTOL)
@@ -333,10 +343,12 @@ def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tin
     # grad accum 2 on batch 8 == batch 16, on 2 ranks.
     np.testing.assert_allclose(losses(tmp_path / "k2"), losses(tmp_path / "b16"), rtol=1e-4)
 
-    # The eager checkpoint resumed on 2 ranks: the same EMA weights exported.
+    # The eager checkpoint resumed on 2 ranks: its EMA weights exported as they were saved.
     e2f = load_file(tmp_path / "e2f" / "model" / "model.safetensors")
-    e10 = load_file(Path(eager10.pipeline) / "model.safetensors")
-    for name, value in e10.items():
+    saved = torch.load(
+        tmp_path / "e2f" / "checkpoints" / "step_00000010" / "state.pt", weights_only=True
+    )
+    for name, value in saved["ema"].items():
         np.testing.assert_array_equal(e2f[name].numpy(), value.numpy())
 
     # 10 steps, stop, resume: steps 11-20 as in the straight run.
@@ -347,9 +359,7 @@ def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tin
     assert (ckpt / ".metadata").is_file()
     assert (ckpt / "host_0.pt").is_file() and (ckpt / "host_1.pt").is_file()
     for copy in ("b_one", "b_eager"):
-        shutil.copytree(tmp_path / "b", tmp_path / copy)
-        shutil.rmtree(tmp_path / copy / "checkpoints" / "step_00000020")
-        (tmp_path / copy / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+        at_step_10(tmp_path / "b", tmp_path / copy)
 
     # ... resumed on eager: exactly the saved state (read independently, by DCP's converter).
     resumed = Trainer(

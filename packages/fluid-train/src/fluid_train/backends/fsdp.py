@@ -313,11 +313,16 @@ def load_portable_checkpoint(
     hosts = sorted(directory.glob("host_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     if not hosts:
         raise FileNotFoundError(f"checkpoint {directory} has no host_*.pt (step, data, RNG)")
+    saved = [load_torch(directory, name=p.name) for p in hosts]
+    if "scalars" in saved[0]:
+        raise ValueError(
+            f"checkpoint {directory} was written by the xla backend (SPMD layout); resume it "
+            "with --backend xla"
+        )
     template = portable_state(state)
     dcp.load(template, storage_reader=dcp.FileSystemReader(str(directory)))
     state.model.load_state_dict(template["model"])
     state.ema.load_state_dict(template["ema"])
-    saved = [load_torch(directory, name=p.name) for p in hosts]
     same_layout = saved[0].get("process_count") == backend.process_count == len(saved)
     mine = saved[backend.process_index] if same_layout else saved[0]
     backend.set_rng_state(mine["rng"])
