@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -42,7 +43,7 @@ SCRIPT = textwrap.dedent(
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from fluid_train.model import FluidConfig, FluidModel
     from fluid_train.recipe import TrainConfig, clean_name
-    from fluid_train.trainer import Trainer
+    from fluid_train.trainer import NonFiniteLossError, Trainer
 
     spec = json.loads(open(sys.argv[1]).read())
     rank = int(os.environ["RANK"])
@@ -87,7 +88,17 @@ SCRIPT = textwrap.dedent(
                     raise RuntimeError(f"injected failure on rank {rank}")
                 return step_fn(batch)
             trainer.train_step = failing
-        trainer.fit()
+        if job.get("nan_at"):
+            step_fn = trainer.train_step
+            def poisoned(batch, trainer=trainer, step_fn=step_fn):
+                if rank == job["nan_rank"] and trainer.step + 1 == job["nan_at"]:
+                    batch = {**batch, "text_hidden": batch["text_hidden"] * float("nan")}
+                return step_fn(batch)
+            trainer.train_step = poisoned
+        try:
+            trainer.fit()
+        except NonFiniteLossError as error:
+            print(f"NONFINITE rank {rank} step {error.step}", flush=True)
         if rank == 0:
             print("REPORT " + json.dumps(report), flush=True)
     """
@@ -407,8 +418,10 @@ def test_hsdp_2x2_with_4_processes_and_checkpointed_blocks_matches_eager_a_faili
     parallel = {"dcn_data_parallelism": 2, "activation_checkpointing": "block"}
     run = values(tmp_path / "h", data, steps=6, export=False, parallel=parallel)
     failing = values(tmp_path / "f", data, steps=6, export=False)
+    nan = values(tmp_path / "n", data, steps=6, export=False)
     jobs = [
         {"name": "h", "values": run, "probe": True},
+        {"name": "n", "values": nan, "nan_at": 2, "nan_rank": 1},
         {"name": "f", "values": failing, "fail_at": 3, "fail_rank": 3},
     ]
     code, output, report, end, _ = torchrun(
@@ -423,6 +436,11 @@ def test_hsdp_2x2_with_4_processes_and_checkpointed_blocks_matches_eager_a_faili
     assert 0.45 <= local / total <= 0.55  # sharded over 2, replicated over 2
     eager_reference(tmp_path / "ref_h", data, discrete, ranks=4, steps=6, export=False)
     np.testing.assert_allclose(losses(tmp_path / "h"), losses(tmp_path / "ref_h"), rtol=LOSS_RTOL)
+
+    # A NaN loss on rank 1 alone at step 2: every rank stopped there (the global loss is NaN).
+    stops = sorted(re.findall(r"NONFINITE rank (\d) step (\d+)", output))  # lines may interleave
+    assert stops == [(str(r), "2") for r in range(4)], stops
+    assert not (tmp_path / "n" / "checkpoints" / "step_00000002").exists()
 
     # Rank 3 raised at step 3 while the others waited in a collective: all stopped, with its
     # error in the output.

@@ -1,11 +1,12 @@
-"""The stateful trainer: one step function for both backends, metrics, checkpoints, export.
+"""The stateful trainer: one step function for every backend, metrics, checkpoints, export.
 
 ``train(TrainConfig(...)) -> TrainResult`` (or ``fluid train``) runs a whole job:
 
 1. Build the model from a preset (seeded, on the CPU), the data loader, and — for image shards
    or for the final export — the frozen tokenizer and T5.
-2. Hand the model to the backend (device placement; SPMD sharding on xla), build AdamW over the
-   recipe's parameter groups with a tensor learning rate, and the EMA.
+2. Hand the model to the backend (device placement; SPMD sharding on xla; on fsdp FSDP2,
+   built on the meta device), build AdamW over the recipe's parameter groups with a tensor
+   learning rate, and the EMA. ``grad_accum`` micro-batches make one optimizer step.
 3. Resume from ``RUN/checkpoints/latest`` when asked: model, EMA, optimizer, step, RNG states
    and the data position (so the resumed run sees the same batches).
 4. Loop: ``train_step`` (forward under autocast, backward, clip, schedule, AdamW, EMA) runs

@@ -19,7 +19,8 @@
 - Checkpoints: ``torch.distributed.checkpoint`` of a portable state — ``model.state_dict()``,
   the EMA, and AdamW's moments keyed by parameter name — each rank writing its own shards,
   nothing gathered; plus ``host_{rank}.pt`` per rank (step, data position, RNG). DCP reshards
-  on load, so a checkpoint resumes at any rank count and on the eager backend
+  on load, so a checkpoint resumes at any rank count (RNG streams restored only at the same
+  count; else each rank keeps its seed + rank stream) and on the eager backend
   (``load_portable_checkpoint``); an eager ``state.pt`` resumes here (each rank copies its shards).
 - Failures: an exception on one rank ends its process; torchrun then stops the others. A rank
   blocked on a lost peer raises after ``parallel.dist_timeout_s``. A NaN loss is seen by every
@@ -146,19 +147,22 @@ class FsdpBackend(Backend):
         return self._parallelize(model.to(self.device), config)
 
     def build_model(self, build: Callable[[], nn.Module], config: TrainConfig) -> nn.Module:
-        with torch.device("meta"):
-            model = build()
-        self._parallelize(model, config)
-        model.to_empty(device=self.device)
-        # The ranks of a node take turns, so the host holds one full CPU copy at a time.
-        for turn in range(self.local_world):
-            if turn == self.local_rank:
-                reference = _named_tensors(build())
-                with torch.no_grad():
-                    for name, tensor in _named_tensors(model).items():
-                        copy_full_into(tensor, reference[name])
-                del reference
-            self.barrier()
+        # build() seeds the weights' RNG; this rank's own stream (seed + rank) resumes after.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            with torch.device("meta"):
+                model = build()
+            self._parallelize(model, config)
+            model.to_empty(device=self.device)
+            # The ranks of a node take turns, so the host holds one full CPU copy at a time.
+            for turn in range(self.local_world):
+                if turn == self.local_rank:
+                    reference = _named_tensors(build())
+                    with torch.no_grad():
+                        for name, tensor in _named_tensors(model).items():
+                            copy_full_into(tensor, reference[name])
+                    del reference
+                self.barrier()
         return model
 
     # -------------------------------------------------------------- collectives
@@ -220,7 +224,8 @@ class FsdpBackend(Backend):
         if (directory / "state.pt").is_file():  # written by the eager backend
             saved = load_torch(directory)
             _load_full_state(state, saved)
-            self.set_rng_state(saved["rng"])
+            if self.process_count == 1:  # else each rank keeps its own stream (seed + rank)
+                self.set_rng_state(saved["rng"])
             host = dict(saved["host"])
             host["all_data"] = [host["data"]]
             return host
@@ -325,7 +330,8 @@ def load_portable_checkpoint(
     state.ema.load_state_dict(template["ema"])
     same_layout = saved[0].get("process_count") == backend.process_count == len(saved)
     mine = saved[backend.process_index] if same_layout else saved[0]
-    backend.set_rng_state(mine["rng"])
+    if same_layout:  # else each process keeps the stream it was seeded with
+        backend.set_rng_state(mine["rng"])
     host = dict(mine["host"])
     host["all_data"] = [s["host"]["data"] for s in saved]
     return host
