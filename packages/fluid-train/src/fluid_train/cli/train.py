@@ -225,6 +225,8 @@ def run_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"fluid train: error: {error}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports for all
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     print(f"trained {result.step} steps, loss {loss}")
     print(f"metrics:    {result.metrics}")
