@@ -3,6 +3,8 @@
     python benchmarks/bench_train.py --preset debug --batch 8 --steps 10
     python benchmarks/bench_train.py --preset fluid-166m --batch 64 --steps 20 --device cuda
     PJRT_DEVICE=TPU python benchmarks/bench_train.py --preset fluid-1.1b --batch 256 --backend xla
+    torchrun --nproc-per-node 8 benchmarks/bench_train.py --preset fluid-1.1b --batch 256 \
+        --backend fsdp
 
 Times the trainer's own step (``Trainer.train_step`` through the backend: forward under
 autocast, backward, clipping, AdamW, EMA) on one fixed batch already on the device, so data
@@ -12,12 +14,17 @@ the values. Model FLOPs per image are ``fluid_train.flops.train_flops`` (matmuls
 trunk and head, forward × 3, as the paper counts). The peak is measured in the same run: the
 best of several large matmuls on the same device and dtype as the step (bf16 on accelerators,
 fp32 on CPU). MFU here = model FLOP/s / that measured peak (not the vendor's datasheet number).
+
+With ``--backend fsdp`` (under torchrun) ``--batch`` is the global batch, every rank times its
+part, images/s count all ranks, and the peak is rank 0's measured matmul peak x the rank count;
+rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +39,9 @@ from fluid_train.recipe import DataConfig, ScheduleConfig, TrainConfig
 from fluid_train.trainer import Trainer
 
 
-def write_random_shard(root: Path, config, batch: int) -> Path:
-    """One encoded shard of ``batch`` random samples in the layout of ``config``."""
+def write_random_shard(root: Path, config, batch: int, shards: int = 1) -> Path:
+    """``shards`` encoded shards (one per rank) of ``batch`` random samples in the layout of
+    ``config``."""
     rng = np.random.default_rng(0)
     n, length = config.num_tokens, config.text_length
     samples = []
@@ -50,7 +58,8 @@ def write_random_shard(root: Path, config, batch: int) -> Path:
                 text_mask=np.arange(length) < 1 + i % length,
             )
         )
-    write_shard(root / "00000.tar", samples)
+    for s in range(shards):
+        write_shard(root / f"{s:05d}.tar", samples)
     return root
 
 
@@ -92,7 +101,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--backend", choices=("eager", "xla"), default="eager")
+    parser.add_argument("--backend", choices=("eager", "xla", "fsdp"), default="eager")
+    parser.add_argument("--compile", action="store_true", help="fsdp: torch.compile each block")
     parser.add_argument("--device", help="eager: cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--activation-checkpointing", choices=("none", "block"), default="none")
@@ -103,7 +113,10 @@ def main() -> None:
     overrides = {k: v for k, v in (("tokens", args.tokens), ("order", args.order)) if v}
     model_config = get_preset(args.preset, **overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_random_shard(Path(tmp) / "data", model_config, args.batch)
+        ranks = int(os.environ.get("WORLD_SIZE", "1")) if args.backend == "fsdp" else 1
+        if args.batch % ranks:
+            parser.error(f"--batch {args.batch} must divide over the {ranks} ranks")
+        data = write_random_shard(Path(tmp) / "data", model_config, args.batch // ranks, ranks)
         config = TrainConfig(
             out=str(Path(tmp) / "run"),
             preset=args.preset,
@@ -119,6 +132,7 @@ def main() -> None:
             export=False,
         )
         config.parallel.activation_checkpointing = args.activation_checkpointing
+        config.parallel.compile = args.compile
         trainer = Trainer(config)
         backend = trainer.backend
         device = backend.device
@@ -140,12 +154,15 @@ def main() -> None:
     model_flops = gflops_per_image * 1e9 * images_per_s
     dtype = trainer.autocast_dtype or torch.float32
     size = args.matmul_size or (1024 if device.type == "cpu" else 4096)
-    peak = matmul_peak(device, dtype, size, repeats=3)
+    peak = matmul_peak(device, dtype, size, repeats=3) * ranks  # every rank's device
+    if not backend.is_writer:
+        return
     report = {
         "preset": args.preset,
         "variant": model_config.variant,
         "backend": backend.name,
-        "device": str(device),
+        "device": str(device) if ranks == 1 else f"{ranks} x {device.type}",
+        "ranks": ranks,
         "dtype": str(dtype).removeprefix("torch."),
         "batch": args.batch,
         "steps": args.steps,
@@ -171,7 +188,8 @@ def main() -> None:
     print(
         f"  model: {gflops_per_image:.3f} GFLOP/image (fwd x3) -> {model_flops / 1e12:.4f} TFLOP/s"
     )
-    print(f"  measured {size}x{size} matmul peak: {peak / 1e12:.4f} TFLOP/s")
+    ranks_note = f" ({ranks} ranks x rank 0's)" if ranks > 1 else ""
+    print(f"  measured {size}x{size} matmul peak{ranks_note}: {peak / 1e12:.4f} TFLOP/s")
     print(f"  MFU vs measured peak: {report['mfu_vs_measured_peak']:.1%}")
 
 

@@ -56,7 +56,7 @@ Order = Literal["raster", "random"]
 OrderPolicy = Literal["random", "confidence"]
 CfgSchedule = Literal["linear", "constant"]
 TextEncoderLayout = Literal["t5-v1_1-xxl", "shapes-t5"]
-Backend = Literal["auto", "eager", "xla"]
+Backend = Literal["auto", "eager", "xla", "fsdp"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -315,10 +315,22 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
-    """SPMD layout on the xla backend (see fluid_train.parallelize)."""
+    """Device layout on the xla (SPMD) and fsdp (FSDP2) backends (see fluid_train.parallelize)."""
 
-    dcn_data_parallelism: int | None = field(default=None, metadata=_help("xla: slices on the data axis (default: the slice count)"))  # fmt: skip
+    # xla: slices on the `data` axis (None = slice count); fsdp: HSDP replicate groups, the
+    # first axis of a (replicate, shard) mesh (None = the node count; 1 = plain FSDP).
+    dcn_data_parallelism: int | None = field(default=None, metadata=_help("xla: slices on the data axis (default: the slice count); fsdp: HSDP replica groups (default: the node count; 1 = plain FSDP)"))  # fmt: skip
     activation_checkpointing: Literal["none", "block"] = field(default="none", metadata=_help("recompute blocks in the backward pass"))  # fmt: skip
+    compile: bool = field(default=False, metadata=_help("fsdp: torch.compile each transformer block"))  # fmt: skip
+    dist_timeout_s: float = field(default=600.0, metadata=_help("fsdp: seconds a rank waits on its peers before failing", flag="--dist-timeout", metavar="S"))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.dcn_data_parallelism is not None and self.dcn_data_parallelism < 1:
+            raise ValueError(
+                f"parallel.dcn_data_parallelism must be >= 1; got {self.dcn_data_parallelism}"
+            )
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"parallel.dist_timeout_s must be > 0; got {self.dist_timeout_s}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -337,12 +349,13 @@ class TrainConfig:
     tokenizer: str | None = field(default=None, metadata=_help("saved tokenizer dir (image shards; pipeline export)", metavar="DIR"))  # fmt: skip
     text_encoder: str | None = field(default=None, metadata=_help("saved T5 encoder dir (image shards; pipeline export)", metavar="DIR"))  # fmt: skip
     steps: int = field(default=1_000_000, metadata=_help("total optimizer steps"))
-    batch_size: int = field(default=2048, metadata=_help("global batch (all devices, all hosts)"))
+    batch_size: int = field(default=2048, metadata=_help("global batch (all devices, all hosts) of one forward/backward"))  # fmt: skip
+    grad_accum: int = field(default=1, metadata=_help("micro-batches of --batch-size per optimizer step", metavar="K"))  # fmt: skip
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema_decay: float = field(default=0.9999, metadata=_help("EMA decay per step"))
     precision: Precision = field(default="auto", metadata=_help("autocast (auto: bf16 on accelerators, fp32 on CPU)"))  # fmt: skip
-    backend: Backend = field(default="auto", metadata=_help("auto: xla on a TPU host, else eager"))  # fmt: skip
+    backend: Backend = field(default="auto", metadata=_help("auto: xla on a TPU host, fsdp under torchrun with >1 rank, else eager"))  # fmt: skip
     device: str | None = field(default=None, metadata=_help("eager device: cpu, cuda, cuda:1 (default: cuda if available)"))  # fmt: skip
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = field(default=0, metadata=_help("seed of the weights, data order and training noise"))  # fmt: skip
@@ -356,7 +369,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from .presets import get_preset
 
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")

@@ -624,6 +624,12 @@ class TrainLoader:
             "shards": len(self.urls),
         }
 
+    def start_epoch(self, epoch: int) -> None:
+        """Every stream of this host at the start of ``epoch`` (resuming under another layout
+        of streams, where no saved position applies)."""
+        self.states = {s: StreamState(epoch=epoch) for s in self.streams}
+        self.batches = 0
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_streams"] != self.num_streams or state["shards"] != len(self.urls):
             raise ValueError(

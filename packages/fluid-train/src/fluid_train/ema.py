@@ -81,5 +81,8 @@ class EMA:
         out = {}
         for name, value in model.state_dict(keep_vars=True).items():
             average = by_param.get(id(value))
-            out[clean_name(name)] = (average if average is not None else value).detach().cpu()
+            tensor = (average if average is not None else value).detach()
+            if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor): every rank gathers
+                tensor = tensor.full_tensor()
+            out[clean_name(name)] = tensor.cpu()
         return out

@@ -14,7 +14,20 @@ SPMD on the xla backend (``torch_xla`` is imported inside the functions, never a
   trainer's scalars (step, learning rate) are replicated.
 - Inputs: the batch dimension over ``('data', 'fsdp')``; everything else replicated.
 - Activation checkpointing (optional): each block's forward is recomputed in the backward
-  (``torch_xla``'s checkpoint on xla, ``torch.utils.checkpoint`` on eager).
+  (``torch_xla``'s checkpoint on xla, ``torch.utils.checkpoint`` on eager and fsdp).
+
+FSDP2 on the fsdp backend (``torch.distributed.fsdp.fully_shard``, one process per device):
+
+- Mesh ``('fsdp',)`` over all ranks, or for HSDP ``('replicate', 'fsdp')``: parameters sharded
+  inside a replica group (one node by default: fast NVLink), replicated across groups (the
+  gradients all-reduced over ``replicate`` after the reduce-scatter over ``fsdp``).
+- Units: every block of the trunk and of the text aligner, then the root: the head (DiffLoss
+  MLP or softmax layer, with the token embedding) together with the remaining embeddings and
+  norms. The head is called twice a step (``head.embed`` at the input, ``head.loss`` at the
+  output); as part of the root it is gathered once, for the whole step, rather than twice.
+  Parameters are sharded on dim 0, except where dim 0 is smaller than the shard count
+  (``pos_embed [1, N, D]``): then on a larger dim that divides evenly, so no rank is left empty.
+- Optional per block: activation checkpointing (wrapped first) and ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -34,9 +47,12 @@ __all__ = [
     "activation_checkpoint_eager",
     "batch_partition_spec",
     "block_lists",
+    "build_fsdp_mesh",
     "build_mesh",
+    "fsdp_shard_dim",
     "mesh_shape_for",
     "param_partition_spec",
+    "parallelize_fsdp",
     "parallelize_xla",
     "replicate",
     "shard_batch",
@@ -188,6 +204,98 @@ def replicate(tensor: Tensor, mesh: Mesh) -> Tensor:
 
     xs.mark_sharding(tensor, mesh, (None,) * tensor.ndim)
     return tensor
+
+# ---------------------------------------------------------------------- fsdp (FSDP2)
+
+
+def build_fsdp_mesh(device_type: str, world_size: int, replicate: int = 1):
+    """The FSDP2 device mesh: ``('fsdp',)``, or ``('replicate', 'fsdp')`` for HSDP when
+    ``replicate`` > 1 (``world_size`` ranks, consecutive ranks in one shard group)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    replicate, shard = mesh_shape_for(world_size, replicate)
+    if replicate == 1:
+        return init_device_mesh(device_type, (shard,), mesh_dim_names=("fsdp",))
+    return init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("replicate", "fsdp"))
+
+
+def fsdp_shard_dim(shape: Iterable[int], shards: int) -> int:
+    """The dim FSDP2 shards a parameter on: 0 (padded when uneven), unless dim 0 is smaller
+    than ``shards`` (it would leave ranks empty): then the largest other dim that divides
+    evenly (FSDP2 requires even sharding off dim 0)."""
+    shape = tuple(shape)
+    if not shape or shape[0] >= shards:
+        return 0
+    even = [d for d in range(1, len(shape)) if shape[d] % shards == 0]
+    return max(even, key=lambda d: shape[d]) if even else 0
+
+
+# Block submodules the trunk calls outside the block's forward (CrossAttention.text_kv).
+_CALLED_OUTSIDE_BLOCK = ("cross_attn.kv", "cross_attn.k_norm")
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def parallelize_fsdp(
+    model: nn.Module,
+    mesh: Any,
+    *,
+    mp_policy: Any = None,
+    activation_checkpointing: Literal["none", "block"] = "none",
+    compile: bool = False,
+    forward_methods: Iterable[str] = ("training_loss",),
+) -> nn.Module:
+    """``fully_shard`` per block, then the root (in place; works on the meta device).
+
+    ``mp_policy``: a ``MixedPrecisionPolicy`` (None = fp32 parameters, compute and reduction).
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+    from torch.distributed.tensor import Shard
+
+    shards = mesh.size(mesh.ndim - 1)  # the last mesh dim shards; a first one replicates
+
+    def placement(param: nn.Parameter) -> Shard:
+        return Shard(fsdp_shard_dim(param.shape, shards))
+
+    options = {
+        "mesh": mesh,
+        "shard_placement_fn": placement,
+        "mp_policy": mp_policy or MixedPrecisionPolicy(),
+    }
+    for blocks in block_lists(model):
+        for i, block in enumerate(blocks):
+            # The trunk computes every block's text K/V up front, outside the blocks' forward:
+            # those layers are units of their own, gathered when they are called.
+            for path in _CALLED_OUTSIDE_BLOCK:
+                sub = block.get_submodule(path) if _has_submodule(block, path) else None
+                if sub is not None and any(True for _ in sub.parameters()):
+                    fully_shard(sub, **options)
+            if activation_checkpointing == "block":
+                block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            if compile:
+                block.compile()  # in place: parameter names stay as they are
+            fully_shard(block, **options)
+            blocks[i] = block
+    fully_shard(model, **options)
+    # The trainer calls training_loss, not forward: FSDP2 must gather the root's parameters
+    # around it as it does around forward.
+    for method in forward_methods:
+        register_fsdp_forward_method(model, method)
+    return model
 
 
 # ---------------------------------------------------------------------- eager

@@ -1,11 +1,12 @@
-"""The stateful trainer: one step function for both backends, metrics, checkpoints, export.
+"""The stateful trainer: one step function for every backend, metrics, checkpoints, export.
 
 ``train(TrainConfig(...)) -> TrainResult`` (or ``fluid train``) runs a whole job:
 
 1. Build the model from a preset (seeded, on the CPU), the data loader, and — for image shards
    or for the final export — the frozen tokenizer and T5.
-2. Hand the model to the backend (device placement; SPMD sharding on xla), build AdamW over the
-   recipe's parameter groups with a tensor learning rate, and the EMA.
+2. Hand the model to the backend (device placement; SPMD sharding on xla; on fsdp FSDP2,
+   built on the meta device), build AdamW over the recipe's parameter groups with a tensor
+   learning rate, and the EMA. ``grad_accum`` micro-batches make one optimizer step.
 3. Resume from ``RUN/checkpoints/latest`` when asked: model, EMA, optimizer, step, RNG states
    and the data position (so the resumed run sees the same batches).
 4. Loop: ``train_step`` (forward under autocast, backward, clip, schedule, AdamW, EMA) runs
@@ -134,9 +135,11 @@ class Trainer:
         )
         self.encoders = self._build_encoders()
 
-        torch.manual_seed(config.seed)  # the initial weights depend on the seed only
-        model = FluidModel(mc)
-        self.model = self.backend.prepare_model(model, config)
+        def build() -> FluidModel:
+            torch.manual_seed(config.seed)  # the initial weights depend on the seed only
+            return FluidModel(mc)
+
+        self.model = self.backend.build_model(build, config)
         self.lr = self.backend.scalar(0.0, torch.float32)
         self.step_t = self.backend.scalar(0, torch.int64)
         self.optimizer = build_optimizer(
@@ -208,9 +211,9 @@ class Trainer:
                 "(or preprocess them first with `fluid preprocess`)"
             )
         self.text_encoder = load_text_encoder(config.text_encoder)
-        # eager: the frozen parts run on the training device; xla: on the host CPU, in the
+        # eager/fsdp: the frozen parts run on the training device; xla: on the host CPU, in the
         # loader thread, so the compiled step sees tokens only (preprocess for TPU pods).
-        if self.backend.name == "eager":
+        if self.backend.name in ("eager", "fsdp"):
             self.tokenizer.to(self.backend.device)
             self.text_encoder.to(self.backend.device)
         length = config.data.text_length or mc.text_length
@@ -271,24 +274,56 @@ class Trainer:
             "step": self.step,
             "data": self.loader.state_dict(),
             "host_batch": self.host_batch,
+            "batch_size": self.config.batch_size,
+            "process_count": self.backend.process_count,
             "seed": self.config.seed,
         }
         return CheckpointState(self.model, self.ema, self.optimizer, host)
 
     def _resume(self, path: Path) -> None:
         host = self.backend.load_checkpoint(path, self._state())
-        if host["host_batch"] != self.host_batch:
+        if "batch_size" in host:  # the global batch; the rank count may change
+            if host["batch_size"] != self.config.batch_size:
+                raise ValueError(
+                    f"checkpoint {path} was written with --batch-size {host['batch_size']}; "
+                    f"this run uses {self.config.batch_size} (keep --batch-size to resume)"
+                )
+        elif host["host_batch"] != self.host_batch:
             raise ValueError(
                 f"checkpoint {path} was written with {host['host_batch']} samples per host and "
                 f"batch; this run uses {self.host_batch} (keep --batch-size to resume)"
             )
-        self.loader.load_state_dict(host["data"])
+        self._restore_data(path, host)
         self.step = int(host["step"])
         self.step_t = self.backend.scalar(self.step, torch.int64)
         self.last_checkpoint = path
         self._checkpoint_step = self.step
         self._window_start = (self.step, time.perf_counter())
         logger.info("resumed %s at step %d", path, self.step)
+
+    def _restore_data(self, path: Path, host: dict[str, Any]) -> None:
+        """The data position: exact when the checkpoint has this run's stream layout; under
+        another rank count (other shards per rank) every stream starts the epoch after the
+        furthest one any rank of the checkpoint had reached."""
+        data = host["data"]
+        if data["num_streams"] == self.loader.num_streams and data["shards"] == len(
+            self.loader.urls
+        ):
+            self.loader.load_state_dict(data)
+            return
+        if data["shards"] != len(self.loader.urls):
+            self.loader.load_state_dict(data)  # raises, naming the difference
+        saved = host.get("all_data", [data])
+        epoch = 1 + max(int(st["epoch"]) for d in saved for st in d["streams"].values())
+        logger.warning(
+            "%s was written by %d data stream(s), this run reads %d: the data restart at "
+            "epoch %d (the rest of the interrupted epoch is skipped)",
+            path,
+            data["num_streams"],
+            self.loader.num_streams,
+            epoch,
+        )
+        self.loader.start_epoch(epoch)
 
     def save_checkpoint(self) -> Path:
         path = self.checkpoints.save(
@@ -310,21 +345,32 @@ class Trainer:
             token_std=batch.get("token_std"),
         )
 
-    def train_step(self, batch: dict[str, Tensor]) -> StepOutput:
-        """One optimisation step, identical on every backend; no host synchronisation."""
+    def train_step(self, batch: dict[str, Tensor] | list[dict[str, Tensor]]) -> StepOutput:
+        """One optimisation step, identical on every backend; no host synchronisation.
+
+        ``batch``: one batch, or the ``grad_accum`` micro-batches of one step (a list): their
+        gradients add up, each loss scaled by 1/K, as one K x larger batch would give.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         dtype = self.autocast_dtype
-        autocast = (
-            torch.autocast(self.backend.autocast_device_type, dtype=dtype)
-            if dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            loss = self.model.training_loss(self._to_train_batch(batch)).loss.float()
-        loss.backward()
+        micro = batch if isinstance(batch, list) else [batch]
+        total = None
+        for part in micro:
+            autocast = (
+                torch.autocast(self.backend.autocast_device_type, dtype=dtype)
+                if dtype is not None
+                else contextlib.nullcontext()
+            )
+            with autocast:
+                loss = self.model.training_loss(self._to_train_batch(part)).loss.float()
+            loss = loss / len(micro) if len(micro) > 1 else loss
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        # The mean over ranks (each holds its part of the global batch) for the host to read.
+        loss = self.backend.mean_over_processes(total)
         # The total norm before clipping; an infinite bound leaves the gradients as they are.
         clip = self.config.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        grad_norm = self.backend.clip_grad_norm(
             self.params, clip if clip is not None else float("inf")
         )
         lr = learning_rate(
@@ -366,7 +412,8 @@ class Trainer:
         start_step, start_time = self._window_start
         now = time.perf_counter()
         seconds = max(now - start_time, 1e-9)
-        images_per_s = (self.step - start_step) * self.config.batch_size / seconds
+        step_batch = self.config.batch_size * self.config.grad_accum
+        images_per_s = (self.step - start_step) * step_batch / seconds
         self._window_start = (self.step, now)
         self.last_loss = sum(v[0] for v in values) / len(values)
         record: dict[str, Any] = {
@@ -377,7 +424,7 @@ class Trainer:
             "lr": values[-1][2],
             "images_per_s": images_per_s,
             "tokens_per_s": images_per_s * self.model_config.num_tokens,
-            "samples": self.step * self.config.batch_size,
+            "samples": self.step * step_batch,
             "epoch": max(s.epoch for s in self.loader.states.values()),
             "skipped": self.loader.skip_totals(),
             "time": time.time(),
@@ -445,14 +492,22 @@ class Trainer:
         config = self.config
         self.model.train()
         self._window_start = (self.step, time.perf_counter())
+        micro: list[tuple[HostBatch, dict[str, Tensor]]] = []
         for host_batch, batch in self.backend.device_batches(self.loader, self._encode):
+            micro.append((host_batch, batch))
+            if len(micro) < config.grad_accum:
+                continue
+            host_batches = [h for h, _ in micro]
+            step_input = micro[0][1] if len(micro) == 1 else [b for _, b in micro]
+            micro = []
             step = self.step + 1
             checkpoint_due = step % config.ckpt_every == 0 or step == config.steps
             flush_due = checkpoint_due or step % config.log_every == 0
             closure = self._closure(self._pending) if flush_due else None
-            out = self.backend.run_step(self.train_step, batch, closure)
+            out = self.backend.run_step(self.train_step, step_input, closure)
             self.step = step
-            self.loader.commit(host_batch)
+            for host_batch in host_batches:
+                self.loader.commit(host_batch)
             self._bar.update(1)
             if flush_due:
                 self._pending = []

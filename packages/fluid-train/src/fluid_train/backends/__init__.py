@@ -1,5 +1,6 @@
-"""Where a training step runs: ``eager`` (PyTorch on CPU or one CUDA device) or ``xla``
-(torch_xla SPMD on TPU or any PJRT device). The trainer owns the loop and the step function;
+"""Where a training step runs: ``eager`` (PyTorch on CPU or one CUDA device), ``xla``
+(torch_xla SPMD on TPU or any PJRT device) or ``fsdp`` (torch.distributed FSDP2 under torchrun:
+NCCL on GPUs, gloo on CPUs). The trainer owns the loop and the step function;
 a backend owns devices, placement, compilation, host<->device traffic and checkpoint formats.
 
 ``torch_xla`` is imported only when the xla backend is built, so this package imports on any
@@ -66,6 +67,11 @@ class Backend(ABC):
     def prepare_model(self, model: nn.Module, config: TrainConfig) -> nn.Module:
         """Move (and on xla shard) the model; optional activation checkpointing."""
 
+    def build_model(self, build: Callable[[], nn.Module], config: TrainConfig) -> nn.Module:
+        """``build()`` (seeded, on the CPU) then ``prepare_model``; fsdp builds on the meta
+        device, shards, then fills each shard (the weights equal ``build()``'s)."""
+        return self.prepare_model(build(), config)
+
     def place_ema(self, ema: EMA) -> None:
         """Give the EMA averages the placement of their parameters (sharding on xla)."""
         return None
@@ -97,6 +103,18 @@ class Backend(ABC):
     def barrier(self) -> None:
         """Wait for every process (multi-host only)."""
         return None
+
+    def any_process(self, flag: bool) -> bool:
+        """True if ``flag`` is True on any process (every process must call it)."""
+        return flag
+
+    def mean_over_processes(self, value: Tensor) -> Tensor:
+        """The mean of a 0-d tensor over processes (each holding its part of the batch)."""
+        return value
+
+    def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> Tensor:
+        """Clip the gradients to a global norm of ``max_norm``; return the norm before it."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     # -------------------------------------------------------------- checkpoints
 
@@ -151,12 +169,23 @@ def _tpu_host() -> bool:
     return os.environ.get("PJRT_DEVICE", "").upper() == "TPU" or os.path.exists("/dev/accel0")
 
 
+def _torchrun_world() -> int:
+    """The rank count torchrun (or any launcher setting its variables) started; 1 otherwise."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def resolve_backend(name: str) -> str:
-    """``auto`` -> ``xla`` on a TPU host with torch_xla installed, else ``eager``."""
+    """``auto`` -> ``xla`` on a TPU host with torch_xla installed, ``fsdp`` under torchrun with
+    more than one rank, else ``eager``."""
     if name == "auto":
-        return "xla" if xla_available() and _tpu_host() else "eager"
-    if name not in ("eager", "xla"):
-        raise ValueError(f"backend must be 'auto', 'eager' or 'xla'; got {name!r}")
+        if xla_available() and _tpu_host():
+            return "xla"
+        return "fsdp" if _torchrun_world() > 1 else "eager"
+    if name not in ("eager", "xla", "fsdp"):
+        raise ValueError(f"backend must be 'auto', 'eager', 'xla' or 'fsdp'; got {name!r}")
     if name == "xla" and not xla_available():
         raise RuntimeError(
             "backend 'xla' needs torch_xla (pip install 'fluid-train[xla]'); it is not installed"
@@ -170,6 +199,10 @@ def build_backend(config: TrainConfig) -> Backend:
         from .xla import XlaBackend
 
         return XlaBackend(config)
+    if name == "fsdp":
+        from .fsdp import FsdpBackend
+
+        return FsdpBackend(config)
     from .eager import EagerBackend
 
     return EagerBackend(config)

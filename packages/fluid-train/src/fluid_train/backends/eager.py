@@ -89,6 +89,10 @@ class EagerBackend(Backend):
         )
 
     def load_checkpoint(self, directory: Path, state: CheckpointState) -> dict[str, Any]:
+        if (directory / ".metadata").is_file():  # sharded, written by the fsdp backend
+            from .fsdp import load_portable_checkpoint
+
+            return load_portable_checkpoint(directory, state, self)
         saved = load_torch(directory)
         state.model.load_state_dict(saved["model"])
         state.ema.load_state_dict(saved["ema"])

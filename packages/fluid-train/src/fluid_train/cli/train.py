@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -95,6 +96,11 @@ def run_train(args: argparse.Namespace) -> int:
     from fluid_train.trainer import NonFiniteLossError, train
 
     _setup_logging()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Under torchrun: an uncaught error of this rank goes into torchrun's failure report.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        train = record(train)
     try:
         config = build_train_config(args)
         result = train(config)
@@ -104,6 +110,8 @@ def run_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"fluid train: error: {error}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports for all
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     print(f"trained {result.step} steps, loss {loss}")
     print(f"metrics:    {result.metrics}")
