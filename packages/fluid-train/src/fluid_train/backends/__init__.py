@@ -98,6 +98,11 @@ class Backend(ABC):
         """Wait for every process (multi-host only)."""
         return None
 
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is True on any of them (a collective: every
+        process must call it at the same point). One process: the flag itself."""
+        return flag
+
     # -------------------------------------------------------------- checkpoints
 
     @abstractmethod

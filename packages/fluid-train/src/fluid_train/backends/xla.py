@@ -108,6 +108,16 @@ class XlaBackend(Backend):
 
             dist.barrier()
 
+    def any_process(self, flag: bool) -> bool:
+        if self.process_count == 1:
+            return flag
+        import torch.distributed as dist
+
+        # A one-element all-reduce on the hosts' CPU (gloo) group: no device work, no graph.
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     # -------------------------------------------------------------- data
 
     def device_batches(
