@@ -52,8 +52,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
@@ -110,7 +108,9 @@ class WriteError(RuntimeError):
             code = errno.errorcode.get(cause.errno or 0, "")
             reason = f"{cause.strerror or cause}" + (f" ({code})" if code else "")
         free = "unknown" if self.free is None else _format_bytes(self.free)
-        super().__init__(f"could not write {what} {path}: {reason}; {free} free on that filesystem; {kept}")
+        super().__init__(
+            f"could not write {what} {path}: {reason}; {free} free on that filesystem; {kept}"
+        )
 
 
 def disk_free(path: Path) -> int | None:
@@ -428,6 +428,8 @@ class CheckpointManager:
 
 
 def save_torch(directory: Path, state: dict[str, Any], *, name: str = "state.pt") -> None:
+    import torch  # here, so that listing/verifying checkpoints needs no torch
+
     path = directory / name
     with open(path, "wb") as f:
         torch.save(state, f)
@@ -436,6 +438,8 @@ def save_torch(directory: Path, state: dict[str, Any], *, name: str = "state.pt"
 
 
 def load_torch(directory: Path, *, name: str = "state.pt") -> dict[str, Any]:
+    import torch
+
     path = directory / name
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
