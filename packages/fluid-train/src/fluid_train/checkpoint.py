@@ -265,7 +265,7 @@ def verify(path: Path) -> Verification:
         if actual != entry.get("size"):
             problems.append(f"{rel} has {actual} bytes; {META} records {entry.get('size')}")
         elif file_checksum(file) != entry.get(CHECKSUM):
-            problems.append(f"{rel} fails its {CHECKSUM} checksum (corrupt)")
+            problems.append(f"{rel} fails the {CHECKSUM} checksum {META} records (corrupt)")
     return result(problems, len(listed), size)
 
 
