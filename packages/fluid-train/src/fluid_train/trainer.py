@@ -413,7 +413,9 @@ class Trainer:
     def _encode(self, host_batch: HostBatch) -> dict[str, Tensor]:
         if self.encoders is None:
             return host_batch.tensors
-        return self.encoders(host_batch.tensors["images"], host_batch.captions)
+        captions = host_batch.captions
+        names = [f"caption {i} of a training batch" for i in range(len(captions))]
+        return self.encoders(host_batch.tensors["images"], captions, names)
 
     # -------------------------------------------------------------- host reads
 

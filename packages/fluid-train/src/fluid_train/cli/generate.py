@@ -87,6 +87,7 @@ def generate_prompts(
     from tqdm.auto import tqdm
 
     from fluid_train.pipeline import contact_sheet
+    from fluid_train.prompts import prompts_named
 
     _check_counts(images_per_prompt, batch_size)
     out = Path(out)
@@ -94,7 +95,8 @@ def generate_prompts(
     jobs = [(i, k) for i, _ in enumerate(prompts) for k in range(images_per_prompt)]
     sampler = pipeline.sampler(seed=seed, progress=progress, **options)
     files, images = [], []
-    with tqdm(total=len(jobs), desc="images", unit="img", disable=not progress) as bar:
+    named = prompts_named(pipeline.text_encoder, list(prompts))  # once per prompt, not per image
+    with named, tqdm(total=len(jobs), desc="images", unit="img", disable=not progress) as bar:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             batch = sampler.generate([prompts[i] for i, _ in chunk])
@@ -142,12 +144,21 @@ def generate_geneval(
 
     from fluid_eval import load_metadata, write_generations
     from fluid_train.pipeline import contact_sheet
+    from fluid_train.prompts import prompts_named
 
     _check_counts(images_per_prompt, batch_size)
     entries = load_metadata(metadata)
     out = Path(out)
     sampler = pipeline.sampler(seed=seed, progress=progress, **options)
-    with tqdm(total=len(entries), desc="prompts", unit="prompt", disable=not progress) as bar:
+    named = prompts_named(  # entry n is line n + 1 (load_metadata drops trailing blanks only)
+        pipeline.text_encoder,
+        [str(e["prompt"]) for e in entries],
+        [f"{metadata} line {n + 1}" for n in range(len(entries))],
+    )
+    with (
+        named,
+        tqdm(total=len(entries), desc="prompts", unit="prompt", disable=not progress) as bar,
+    ):
         write_generations(
             sampler,
             entries,
