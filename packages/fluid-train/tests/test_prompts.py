@@ -12,7 +12,7 @@ from fluid_text import PromptTruncatedWarning
 from fluid_train.cli.generate import generate_geneval, generate_prompts
 from fluid_train.preprocess import FrozenEncoders
 
-LONG = " ".join(["a photo of a red circle left of a blue square"] * 8)  # > 32 T5 tokens
+LONG = " ".join(["a photo of a red circle left of a blue square"] * 3)  # > 32 T5 tokens
 
 
 def truncation_warnings(record) -> list[str]:

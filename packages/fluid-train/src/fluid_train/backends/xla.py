@@ -183,7 +183,12 @@ class XlaBackend(Backend):
 
     def save_checkpoint(self, directory: Path, state: CheckpointState) -> None:
         import torch_xla
+        import torch_xla.core.xla_model as xm
 
+        # Every sync advances torch_xla's device seed: read the RNG state before the syncs of
+        # the save and put it back after them, so that the randomness of a run does not depend
+        # on where it wrote checkpoints (a preempted run resumes onto the uninterrupted one).
+        rng = self.rng_state()
         torch_xla.sync()  # everything the state refers to is device data
         device_state = _device_state(state)
         scalars = _pop_scalars(device_state)
@@ -192,11 +197,12 @@ class XlaBackend(Backend):
             directory,
             {
                 "host": state.host,
-                "rng": self.rng_state(),
+                "rng": rng,
                 "scalars": {path: t.detach().cpu() for path, t in scalars.items()},
             },
             name=f"host_{self.process_index}.pt",
         )
+        xm.set_rng_state(int(rng["xla"]), self.device)
 
     def load_checkpoint(self, directory: Path, state: CheckpointState) -> dict[str, Any]:
         import torch_xla
