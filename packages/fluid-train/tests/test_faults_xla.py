@@ -56,7 +56,11 @@ SCRIPT = textwrap.dedent(
         lines = (root / name / "metrics.jsonl").read_text().splitlines()
         return [[r["step"], r["loss"]] for r in map(json.loads, lines)]
 
+    import time
+    start = time.perf_counter()
+
     def fit(config, signal_at=None):
+        print(f"TIME {time.perf_counter() - start:.1f} {config['out']}", file=sys.stderr, flush=True)
         trainer = Trainer(TrainConfig.from_dict(config), model_config=model)
         if signal_at is not None:
             step_fn = trainer.train_step
