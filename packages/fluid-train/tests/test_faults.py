@@ -220,25 +220,28 @@ def test_sigterm_and_sigint_stop_after_a_checkpoint_and_resume_exactly(
 
 @pytest.mark.slow
 def test_sigterm_from_outside_at_a_random_step(world, tmp_path):
-    """A real ``python -m fluid_train.cli train`` process, SIGTERM once it has logged k steps."""
-    steps = 60
+    """A real ``python -m fluid_train.cli train`` process with a data-loading worker; SIGTERM to
+    its whole process group (as ``scancel`` or a terminal does) once it has logged k steps."""
+    steps, workers = 60, ("--num-workers", "1")
     reference = tmp_path / "reference"
-    assert main(train_argv(reference, world["data"], steps=steps)) == 0
+    assert main(train_argv(reference, world["data"], *workers, steps=steps)) == 0
     k = random.randrange(3, 30)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    argv = train_argv(run, world["data"], *workers, steps=steps)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fluid_train.cli", *train_argv(run, world["data"], steps=steps)],
+        [sys.executable, "-m", "fluid_train.cli", *argv],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, so the test can signal all of it
     )
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= k:
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its worker
             break
         time.sleep(0.005)
     _, err = proc.communicate(timeout=300)
@@ -248,7 +251,7 @@ def test_sigterm_from_outside_at_a_random_step(world, tmp_path):
     assert f"stopped by SIGTERM after step {stopped}" in err
     assert names_latest(run) == f"step_{stopped:08d}"
     assert verify(run / "checkpoints" / f"step_{stopped:08d}").ok
-    assert main(train_argv(run, world["data"], "--resume", steps=steps)) == 0
+    assert main(train_argv(run, world["data"], *workers, "--resume", steps=steps)) == 0
     assert losses(run) == losses(reference), k
 
 
