@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -497,6 +498,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return HostBatch(tensors, None, stream, snapshot, finished)
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A SIGTERM/SIGINT sent to the whole process group (Ctrl-C, ``scancel``) must not kill the
+    decoding workers under the trainer, which stops after a checkpoint and shuts them down
+    (they also exit on their own when the main process dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _identity(batch: HostBatch) -> HostBatch:
     return batch
 
@@ -584,6 +593,10 @@ class TrainLoader:
             collate_fn=_identity,
             persistent_workers=False,
             prefetch_factor=2,
+            worker_init_fn=_leave_stop_signals_to_the_trainer,
+            # Its own generator: creating the iterator draws the workers' base seed, which from
+            # the global RNG would shift the training noise of a resumed run by one draw.
+            generator=torch.Generator().manual_seed(self.seed),
         )
         return iter(loader)
 

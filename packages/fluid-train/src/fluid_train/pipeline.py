@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 from .__about__ import __version__
 from .model import FluidModel
+from .prompts import prompts_named
 
 PIPELINE_FILE = "fluid_pipeline.json"
 PIPELINE_FORMAT = 1
@@ -257,16 +258,17 @@ class FluidPipeline:
             generator = self._generator(seed)
         step = batch_size or len(prompts)
         out = []
-        for start in range(0, len(prompts), step):
-            text = self.encode_prompts(prompts[start : start + step])
-            tokens = self.model.generate(
-                text.hidden.to(self.device),
-                text.mask.to(self.device),
-                generator=generator,
-                progress=progress,
-                **options,
-            )
-            out.append(tokens)
+        with prompts_named(self.text_encoder, prompts):  # numbered in the list, not per batch
+            for start in range(0, len(prompts), step):
+                text = self.encode_prompts(prompts[start : start + step])
+                tokens = self.model.generate(
+                    text.hidden.to(self.device),
+                    text.mask.to(self.device),
+                    generator=generator,
+                    progress=progress,
+                    **options,
+                )
+                out.append(tokens)
         return torch.cat(out, dim=0)
 
     @torch.no_grad()

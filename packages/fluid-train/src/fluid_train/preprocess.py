@@ -155,14 +155,22 @@ class FrozenEncoders:
         return {"tokens": moments.mean.float(), "token_std": moments.std.float()}
 
     @torch.no_grad()
-    def encode_captions(self, captions: Sequence[str]) -> dict[str, Tensor]:
-        states = self.text_encoder.encode(list(captions), pad_to=self.text_length)
+    def encode_captions(
+        self, captions: Sequence[str], names: Sequence[str] | None = None
+    ) -> dict[str, Tensor]:
+        """``names`` (e.g. ``shard 00012.tar sample 000120003``) name the captions in warnings."""
+        from .prompts import prompts_named
+
+        with prompts_named(self.text_encoder, list(captions), names, limit=self.text_length):
+            states = self.text_encoder.encode(list(captions), pad_to=self.text_length)
         return {"text_hidden": states.hidden.float(), "text_mask": states.mask.bool()}
 
-    def __call__(self, images: Tensor, captions: Sequence[str]) -> dict[str, Tensor]:
+    def __call__(
+        self, images: Tensor, captions: Sequence[str], names: Sequence[str] | None = None
+    ) -> dict[str, Tensor]:
         if images.shape[0] != len(captions):
             raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
-        return {**self.encode_images(images), **self.encode_captions(captions)}
+        return {**self.encode_images(images), **self.encode_captions(captions, names)}
 
 
 # ---------------------------------------------------------------------- the command
@@ -234,7 +242,8 @@ def _encode_shard(
 
     def encode(batch: list[tuple[str, Tensor, str]]) -> Iterator[dict[str, Any]]:
         images = torch.stack([image for _, image, _ in batch])  # [B, 3, S, S]
-        encoded = encoders(images, [caption for _, _, caption in batch])
+        names = [f"shard {url} sample {key}" for key, _, _ in batch]
+        encoded = encoders(images, [caption for _, _, caption in batch], names)
         arrays = {name: t.cpu().numpy() for name, t in encoded.items()}
         for i, (key, _, caption) in enumerate(batch):
             yield encoded_sample(

@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, CheckpointState, build_backend
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointError, CheckpointManager, WriteError, verify
 from .data import HostBatch, TrainLoader
 from .ema import EMA
 from .model import FluidConfig, FluidModel, TrainBatch
@@ -48,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Multi-process runs decide collectively whether to stop (SIGTERM/SIGINT on any process) every
+# this many steps: one 4-byte all-reduce on the hosts' CPU group, no device sync. One process
+# checks its own flag after every step.
+STOP_CHECK_EVERY = 10
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,6 +92,9 @@ class TrainResult:
     checkpoint: Path | None
     pipeline: Path | None  # RUN/pipeline (or RUN/model without tokenizer/T5)
     skipped: dict[str, int] = field(default_factory=dict)
+    # Set when SIGTERM/SIGINT stopped the run early (after a checkpoint at ``step``, no export):
+    # the signal's name, or "another process" on hosts that did not receive it.
+    preempted: str | None = None
 
 
 def train(config: TrainConfig, *, model_config: FluidConfig | None = None) -> TrainResult:
@@ -155,6 +165,7 @@ class Trainer:
             keep=config.keep_checkpoints,
             is_writer=self.backend.is_writer,
             barrier=self.backend.barrier,
+            agree=self.backend.any_process,
         )
         self.step = 0
         self.last_checkpoint: Path | None = None
@@ -163,6 +174,9 @@ class Trainer:
         self._window_start = (0, time.perf_counter())
         self.last_loss: float | None = None
         self._checkpoint_step: int | None = None
+        self._stop_signal: int | None = None  # set by the SIGTERM/SIGINT handler during fit()
+        self.preempted: str | None = None
+        self.stop_check_every = STOP_CHECK_EVERY
         self._prepare_run()
 
     # -------------------------------------------------------------- setup
@@ -227,20 +241,20 @@ class Trainer:
                 {"train": self.config.to_dict(), "model": self.model_config.to_dict()}, default=str
             )
         )
-        existing = self.checkpoints.latest()
-        if existing is not None and not self.config.resume:
+        candidates = self.checkpoints.candidates()
+        if candidates and not self.config.resume:
             raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints (latest {existing.name}); pass "
+                f"{self.run_dir} already holds checkpoints (newest {candidates[0].name}); pass "
                 "--resume to continue it or choose a new --out"
             )
-        if existing is not None:
+        if candidates:
             saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
             if saved.get("model") not in (None, record["model"]):
                 raise ValueError(
                     f"cannot resume {self.run_dir}: its model config differs from this one "
                     f"(see {config_path})"
                 )
-            self._resume(existing)
+            self._resume_newest(candidates)
         elif self.config.resume:
             logger.info("--resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
         if self.backend.is_writer:
@@ -279,6 +293,51 @@ class Trainer:
             "seed": self.config.seed,
         }
         return CheckpointState(self.model, self.ema, self.optimizer, host)
+
+    def _resume_newest(self, candidates: list[Path]) -> None:
+        """Resume from the newest checkpoint that verifies; warn about each one skipped.
+
+        The writer verifies (one read of the files); ``any_process`` makes every host skip the
+        same ones. A load that fails anyway (e.g. a checkpoint without checksums) moves on to
+        the next one in a single-process run; on several processes it is raised (a collective
+        load cannot be abandoned by one host).
+        """
+        named = self.checkpoints.latest()
+        tried: list[str] = []
+        for path in candidates:
+            problem = None
+            if self.backend.is_writer:
+                check = verify(path)
+                problem = None if check.ok else check.describe()
+                if check.ok and check.legacy:
+                    logger.warning("checkpoint %s: %s", path, check.describe())
+            if self.backend.any_process(problem is not None):
+                problem = problem or "rejected on the writer process"
+                tried.append(f"{path.name}: {problem}")
+                logger.warning(
+                    "cannot resume from %s: %s; trying an older checkpoint", path, problem
+                )
+                continue
+            try:
+                self._resume(path)
+            except CheckpointError as error:
+                if self.backend.process_count > 1:
+                    raise
+                tried.append(f"{path.name}: {error}")
+                logger.warning("cannot resume from %s: %s; trying an older checkpoint", path, error)
+                continue
+            if named is not None and path != named:
+                logger.warning(
+                    "resumed from %s, the newest checkpoint that verifies; `latest` names %s",
+                    path.name,
+                    named.name,
+                )
+            return
+        listing = "\n  ".join(tried)
+        raise CheckpointError(
+            f"cannot resume {self.run_dir}: no checkpoint in {self.checkpoints.root} verifies "
+            f"(none was deleted); tried, newest first:\n  {listing}"
+        )
 
     def _resume(self, path: Path) -> None:
         host = self.backend.load_checkpoint(path, self._state())
@@ -388,7 +447,9 @@ class Trainer:
     def _encode(self, host_batch: HostBatch) -> dict[str, Tensor]:
         if self.encoders is None:
             return host_batch.tensors
-        return self.encoders(host_batch.tensors["images"], host_batch.captions)
+        captions = host_batch.captions
+        names = [f"caption {i} of a training batch" for i in range(len(captions))]
+        return self.encoders(host_batch.tensors["images"], captions, names)
 
     # -------------------------------------------------------------- host reads
 
@@ -460,11 +521,12 @@ class Trainer:
             dynamic_ncols=True,
         )
         try:
-            if self.step < config.steps:
-                self._loop()
-            if self._checkpoint_step != self.step:
-                self.save_checkpoint()
-            pipeline = self.export() if config.export else None
+            with self._stop_signals():
+                if self.step < config.steps:
+                    self._loop()
+                if self._checkpoint_step != self.step:
+                    self.save_checkpoint()
+                pipeline = self.export() if config.export and self.preempted is None else None
         finally:
             self.close()
         return TrainResult(
@@ -475,6 +537,59 @@ class Trainer:
             checkpoint=self.last_checkpoint,
             pipeline=pipeline,
             skipped=self.loader.skip_totals(),
+            preempted=self.preempted,
+        )
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGTERM/SIGINT ask the loop to stop after the current step (a second one interrupts
+        at once); the previous handlers are back when training ends. Signal handlers can only
+        be set from the main thread: elsewhere the defaults stay."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+        def request_stop(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt  # the second signal: no more waiting
+            self._stop_signal = signum
+
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, request_stop)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _should_stop(self, step: int) -> bool:
+        local = self._stop_signal is not None
+        if self.backend.process_count == 1:
+            return local
+        if step % self.stop_check_every:
+            return False
+        return self.backend.any_process(local)
+
+    def _stop(self) -> None:
+        """Preemption: flush the steps not read yet, checkpoint this step, leave the loop."""
+        if self._pending:
+            *previous, last = self._pending
+            self._closure(previous)(last)  # reads the losses on the host (the step has run)
+            self._pending = []
+            self._after_flush()
+        if self._checkpoint_step != self.step:
+            self.save_checkpoint()
+        self.preempted = (
+            signal.Signals(self._stop_signal).name
+            if self._stop_signal is not None
+            else "another process"
+        )
+        logger.warning(
+            "stopped by %s after step %d; checkpoint %s (resume with --resume)",
+            self.preempted,
+            self.step,
+            self.last_checkpoint,
         )
 
     def close(self) -> None:
@@ -518,6 +633,9 @@ class Trainer:
                 self.save_checkpoint()
             if self.step >= config.steps:
                 break
+            if self._should_stop(step):
+                self._stop()
+                break
 
     # -------------------------------------------------------------- export
 
@@ -547,15 +665,26 @@ class Trainer:
                 "no --tokenizer/--text-encoder: exporting the EMA model alone to %s", target
             )
         tmp = self.run_dir / f".tmp-{target.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        part.save_pretrained(tmp)
-        if target.exists():
-            old = self.run_dir / f".old-{target.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        old = self.run_dir / f".old-{target.name}"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            part.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except OSError as error:  # ENOSPC, EIO, ...: the previous export (if any) stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not target.exists():
+                os.replace(old, target)
+            kept = f"the checkpoint {self.last_checkpoint} is intact"
+            if target.exists():
+                kept += f" and so is the previous {target}"
+            raise WriteError(
+                "the export", tmp, error, f"{kept}; the partial {tmp.name} was removed"
+            ) from error
         logger.info("exported the EMA weights to %s", target)
         return target

@@ -105,7 +105,8 @@ class Backend(ABC):
         return None
 
     def any_process(self, flag: bool) -> bool:
-        """True if ``flag`` is True on any process (every process must call it)."""
+        """True on every process when ``flag`` is True on any of them (a collective: every
+        process must call it at the same point). One process: the flag itself."""
         return flag
 
     def mean_over_processes(self, value: Tensor) -> Tensor:

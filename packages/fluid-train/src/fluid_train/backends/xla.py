@@ -108,6 +108,16 @@ class XlaBackend(Backend):
 
             dist.barrier()
 
+    def any_process(self, flag: bool) -> bool:
+        if self.process_count == 1:
+            return flag
+        import torch.distributed as dist
+
+        # A one-element all-reduce on the hosts' CPU (gloo) group: no device work, no graph.
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     # -------------------------------------------------------------- data
 
     def device_batches(
@@ -173,7 +183,12 @@ class XlaBackend(Backend):
 
     def save_checkpoint(self, directory: Path, state: CheckpointState) -> None:
         import torch_xla
+        import torch_xla.core.xla_model as xm
 
+        # Every sync advances torch_xla's device seed: read the RNG state before the syncs of
+        # the save and put it back after them, so that the randomness of a run does not depend
+        # on where it wrote checkpoints (a preempted run resumes onto the uninterrupted one).
+        rng = self.rng_state()
         torch_xla.sync()  # everything the state refers to is device data
         device_state = _device_state(state)
         scalars = _pop_scalars(device_state)
@@ -182,11 +197,12 @@ class XlaBackend(Backend):
             directory,
             {
                 "host": state.host,
-                "rng": self.rng_state(),
+                "rng": rng,
                 "scalars": {path: t.detach().cpu() for path, t in scalars.items()},
             },
             name=f"host_{self.process_index}.pt",
         )
+        xm.set_rng_state(int(rng["xla"]), self.device)
 
     def load_checkpoint(self, directory: Path, state: CheckpointState) -> dict[str, Any]:
         import torch_xla

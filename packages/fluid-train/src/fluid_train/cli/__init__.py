@@ -12,7 +12,16 @@ import sys
 from collections.abc import Sequence
 
 # Command groups in the order ``fluid --help`` lists them.
-_COMMAND_MODULES = ("info", "shapes", "train", "generate", "evaluate", "demo", "study")
+_COMMAND_MODULES = (
+    "info",
+    "shapes",
+    "train",
+    "checkpoints",
+    "generate",
+    "evaluate",
+    "demo",
+    "study",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,13 +133,17 @@ def generate_geneval(
 
     _check_counts(images_per_prompt, batch_size)
     layout = GenEvalFolders(out, load_metadata(metadata), images_per_prompt=images_per_prompt)
+    # entry n is line n + 1 (load_metadata drops trailing blanks only)
+    names = [f"{metadata} line {n + 1}" for n in range(len(layout.prompts))]
     _run(layout, pipeline, runner, images_per_prompt=images_per_prompt, batch_size=batch_size,
-         seed=seed, progress=progress, model=model, options=options)  # fmt: skip
+         seed=seed, progress=progress, model=model, options=options, names=names)  # fmt: skip
     return Path(out)
 
 
 def _run(layout: Any, pipeline: Any, runner: Any, *, images_per_prompt: int, batch_size: int,
-         seed: int, progress: bool, model: str | None, options: dict[str, Any]) -> Any:  # fmt: skip
+         seed: int, progress: bool, model: str | None, options: dict[str, Any],
+         names: Sequence[str] | None = None) -> Any:  # fmt: skip
+    from fluid_train.prompts import prompts_named
     from fluid_train.sampling import EagerSampler, Processes, run_generation, settings_record
 
     if runner is None:  # a pipeline built in Python: this process, its device
@@ -151,10 +155,13 @@ def _run(layout: Any, pipeline: Any, runner: Any, *, images_per_prompt: int, bat
         layout.prompts, model=model, seed=seed, images_per_prompt=images_per_prompt,
         batch_size=batch_size, options=options, backend=backend,
     )  # fmt: skip
-    stats = run_generation(
-        layout, sampler, images_per_prompt=images_per_prompt, batch_size=batch_size, seed=seed,
-        record=record, processes=processes, progress=progress,
-    )  # fmt: skip
+    # Truncation warnings name the user's prompts (or metadata lines) once, from the writer.
+    warn_for = layout.prompts if processes.is_writer else []
+    with prompts_named(pipeline.text_encoder, warn_for, names if warn_for else None):
+        stats = run_generation(
+            layout, sampler, images_per_prompt=images_per_prompt, batch_size=batch_size,
+            seed=seed, record=record, processes=processes, progress=progress,
+        )  # fmt: skip
     if processes.is_writer and progress:
         print(
             f"{stats.images_generated} images in {stats.seconds:.1f} s "

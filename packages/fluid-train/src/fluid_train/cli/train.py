@@ -92,7 +92,14 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
 
+# Exit statuses of `fluid train` besides 0 (done) and 2 (bad input or no resumable checkpoint).
+EXIT_NON_FINITE = 3  # NaN/inf loss; nothing written after it
+EXIT_WRITE_ERROR = 4  # a checkpoint/export write failed (ENOSPC, EIO); the previous one is intact
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: stopped after a checkpoint; rerun with --resume (EX_TEMPFAIL)
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from fluid_train.checkpoint import CheckpointError, WriteError
     from fluid_train.trainer import NonFiniteLossError, train
 
     _setup_logging()
@@ -106,12 +113,24 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(config)
     except NonFiniteLossError as error:
         print(f"fluid train: {error}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        return EXIT_NON_FINITE
+    except WriteError as error:
+        print(f"fluid train: error: {error}", file=sys.stderr)
+        return EXIT_WRITE_ERROR
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as error:
         print(f"fluid train: error: {error}", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun rank 0 reports for all
+    reports = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 reports for all
+    if result.preempted is not None:
+        if reports:
+            print(
+                f"stopped by {result.preempted} after step {result.step}; checkpoint: "
+                f"{result.checkpoint}; continue with --resume",
+                file=sys.stderr,
+            )
+        return EXIT_PREEMPTED
+    if not reports:
+        return 0
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     print(f"trained {result.step} steps, loss {loss}")
     print(f"metrics:    {result.metrics}")
