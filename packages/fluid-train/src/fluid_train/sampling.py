@@ -545,6 +545,8 @@ def prepare(
     from .pipeline import FluidPipeline
 
     name = resolve_backend(backend)
+    if name == "fsdp":  # under torchrun every rank generates its own chunks with a whole model
+        name = "eager"
     if name == "xla":
         import torch_xla
         import torch_xla.runtime as xr
