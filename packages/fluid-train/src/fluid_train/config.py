@@ -361,6 +361,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("seed of the weights, data order and training noise"))  # fmt: skip
     log_every: int = field(default=100, metadata=_help("steps between metrics lines"))
     ckpt_every: int = field(default=5000, metadata=_help("steps between checkpoints"))
+    # A wall-clock budget: the run ends at the first step boundary past it and finishes as at
+    # ``steps`` (checkpoint, export); the schedule keeps ``steps`` as its length.
+    time_limit_s: float | None = field(default=None, metadata=_help("stop after this many seconds of training, then checkpoint and export as at the end", flag="--time-limit", metavar="S"))  # fmt: skip
     keep_checkpoints: int = field(default=3, metadata=_help("checkpoints kept on disk"))
     resume: bool = field(default=False, metadata=_help("continue RUN from its latest checkpoint"))
     export: bool = field(default=True, metadata=_help("export RUN/pipeline from the EMA weights at the end"))  # fmt: skip
@@ -375,6 +378,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0 seconds or None; got {self.time_limit_s}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {self.precision!r}")
         if self.backend not in typing.get_args(Backend):

@@ -95,6 +95,7 @@ class TrainResult:
     # Set when SIGTERM/SIGINT stopped the run early (after a checkpoint at ``step``, no export):
     # the signal's name, or "another process" on hosts that did not receive it.
     preempted: str | None = None
+    time_limited: bool = False  # stopped at config.time_limit_s, before config.steps
 
 
 def train(config: TrainConfig, *, model_config: FluidConfig | None = None) -> TrainResult:
@@ -176,6 +177,7 @@ class Trainer:
         self._checkpoint_step: int | None = None
         self._stop_signal: int | None = None  # set by the SIGTERM/SIGINT handler during fit()
         self.preempted: str | None = None
+        self.time_limited = False
         self.stop_check_every = STOP_CHECK_EVERY
         self._prepare_run()
 
@@ -538,6 +540,7 @@ class Trainer:
             pipeline=pipeline,
             skipped=self.loader.skip_totals(),
             preempted=self.preempted,
+            time_limited=self.time_limited,
         )
 
     @contextlib.contextmanager
@@ -603,10 +606,20 @@ class Trainer:
         logging.getLogger("fluid_train").removeHandler(self._log_handler)
         self._log_handler.close()
 
+    def _out_of_time(self, step: int, deadline: float | None) -> bool:
+        """Past ``config.time_limit_s`` (every process agrees, at the stop-check cadence)."""
+        if deadline is None:
+            return False
+        late = time.perf_counter() >= deadline
+        if self.backend.process_count == 1:
+            return late
+        return step % self.stop_check_every == 0 and self.backend.any_process(late)
+
     def _loop(self) -> None:
         config = self.config
         self.model.train()
         self._window_start = (self.step, time.perf_counter())
+        deadline = None if config.time_limit_s is None else time.perf_counter() + config.time_limit_s
         micro: list[tuple[HostBatch, dict[str, Tensor]]] = []
         for host_batch, batch in self.backend.device_batches(self.loader, self._encode):
             micro.append((host_batch, batch))
@@ -635,6 +648,13 @@ class Trainer:
                 break
             if self._should_stop(step):
                 self._stop()
+                break
+            if self._out_of_time(step, deadline):
+                self.time_limited = True
+                logger.info(
+                    "time limit of %.0f s reached after step %d of %d", config.time_limit_s,
+                    step, config.steps,
+                )  # fmt: skip
                 break
 
     # -------------------------------------------------------------- export
