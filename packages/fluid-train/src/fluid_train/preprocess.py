@@ -61,6 +61,7 @@ __all__ = [
     "EncodeRuntime",
     "FrozenEncoders",
     "PreprocessResult",
+    "compile_xla_encode",
     "encoded_sample",
     "encoders_fit",
     "load_text_encoder",
@@ -160,6 +161,7 @@ class FrozenEncoders:
         self.text_encoder = text_encoder
         self.text_length = text_length
         self.spec = tokenizer.spec
+        self.cast: torch.dtype | None = None  # set by ``to(..., dtype)``: weights no longer as saved
 
     @property
     def device(self) -> torch.device:
@@ -172,6 +174,8 @@ class FrozenEncoders:
                 module.to(device)
             else:
                 module.to(device=device, dtype=dtype)
+        if dtype is not None:
+            self.cast = dtype
         return self
 
     def weight_bytes(self) -> int:
@@ -217,6 +221,24 @@ def encoders_fit(weight_bytes: int, device_bytes: int | None) -> bool:
     (None: unknown, taken to fit): at most half of it, the rest left for activations and the
     batch. T5-XXL in bf16 (9.5 GB) fits devices of 24 GB and more, not 16 GB ones."""
     return device_bytes is None or weight_bytes <= device_bytes // 2
+
+
+def compile_xla_encode(encoders: FrozenEncoders, mesh: Any) -> Callable[..., dict[str, Tensor]]:
+    """``encoders.encode_inputs`` as one compiled XLA graph (fixed shapes: compiled once) whose
+    outputs are split by rows over the mesh like batch inputs — what the training step sees
+    from encoded shards, so it compiles the same graph either way."""
+    import torch_xla
+    import torch_xla.distributed.spmd as xs
+
+    from .parallelize import batch_partition_spec
+
+    def encode(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = encoders.encode_inputs(batch)
+        for tensor in out.values():
+            xs.mark_sharding(tensor, mesh, batch_partition_spec(tensor.ndim))
+        return out
+
+    return torch_xla.compile(encode, name="fluid_encode")
 
 
 # ---------------------------------------------------------------------- where encoding runs
@@ -374,14 +396,16 @@ class EncodeRuntime:
         return self._encode_xla(encoders, inputs)
 
     def finish(self, encoders: FrozenEncoders) -> None:
-        """Keep this xla host in step with the others until every host is done, then wait for
-        every process (so the writer can merge the parts' manifests)."""
+        """Keep this xla host in step with the others until every host is done."""
         if self.is_xla and self.process_count > 1:
             while self._lockstep(False):
                 filler = self._filler
                 if filler is None:  # this host encoded nothing: the program needs real shapes
                     raise RuntimeError("an xla host with no input shard cannot join the others")
                 self._encode_xla(encoders, filler)
+
+    def barrier(self) -> None:
+        """Wait for every process of the run (torchrun ranks, xla hosts)."""
         if self.process_count > 1:
             import torch.distributed as dist
 
@@ -400,11 +424,10 @@ class EncodeRuntime:
     def _encode_xla(
         self, encoders: FrozenEncoders, inputs: dict[str, Tensor]
     ) -> dict[str, np.ndarray]:
-        import torch_xla
         import torch_xla.core.xla_model as xm
         import torch_xla.distributed.spmd as xs
 
-        from .parallelize import batch_partition_spec, batch_sharding
+        from .parallelize import batch_sharding
 
         count = next(iter(inputs.values())).shape[0]
         # Fixed shapes: a short batch is completed with copies of its last row (dropped below).
@@ -414,15 +437,7 @@ class EncodeRuntime:
         }
         if self._compiled is None:
             self._filler = {k: v.clone() for k, v in full.items()}
-            mesh = self.mesh
-
-            def encode(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-                out = encoders.encode_inputs(batch)
-                for tensor in out.values():  # outputs stay split by rows, like the inputs
-                    xs.mark_sharding(tensor, mesh, batch_partition_spec(tensor.ndim))
-                return out
-
-            self._compiled = torch_xla.compile(encode, name="fluid_encode")
+            self._compiled = compile_xla_encode(encoders, self.mesh)
         sharding = batch_sharding(self.mesh, full, minibatch=self.process_count > 1)
         out = self._compiled(xm.send_cpu_data_to_device(full, self.device, sharding))
         arrays = {}
@@ -699,8 +714,9 @@ def preprocess(
     write_json_atomic(
         out / (PREPROCESS_FILE if n == 1 else f"preprocess-{k}-of-{n}.json"), manifest
     )
+    runtime.barrier()
     if n > 1 and runtime.process_index == 0 and runtime.process_count == n:
-        merge_manifests(out, n)  # every part has written its own (finish() waited for them)
+        merge_manifests(out, n)  # every part has written its own (the barrier waited for them)
     return result
 
 

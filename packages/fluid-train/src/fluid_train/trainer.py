@@ -220,13 +220,10 @@ class Trainer:
                 "(or preprocess them first with `fluid preprocess`)"
             )
         self.text_encoder = load_text_encoder(config.text_encoder)
-        # eager: the frozen parts run on the training device; xla: on the host CPU, in the
-        # loader thread, so the compiled step sees tokens only (preprocess for TPU pods).
-        if self.backend.name == "eager":
-            self.tokenizer.to(self.backend.device)
-            self.text_encoder.to(self.backend.device)
         length = config.data.text_length or mc.text_length
-        return FrozenEncoders(self.tokenizer, self.text_encoder, text_length=length)
+        encoders = FrozenEncoders(self.tokenizer, self.text_encoder, text_length=length)
+        # On the training device, placed by the backend (xla: bf16 on TPUs, never the host).
+        return self.backend.place_encoders(encoders)
 
     def _prepare_run(self) -> None:
         config_path = self.run_dir / CONFIG_FILE
@@ -352,9 +349,11 @@ class Trainer:
         return StepOutput(loss=loss.detach(), grad_norm=grad_norm.detach(), lr=lr.detach())
 
     def _encode(self, host_batch: HostBatch) -> dict[str, Tensor]:
+        """Host side of a batch: encoded shards as read; image shards with their captions
+        tokenized (the encoders run on the device, in ``backend.encode_batch``)."""
         if self.encoders is None:
             return host_batch.tensors
-        return self.encoders(host_batch.tensors["images"], host_batch.captions)
+        return self.encoders.host_inputs(host_batch.tensors["images"], host_batch.captions)
 
     # -------------------------------------------------------------- host reads
 
@@ -458,6 +457,8 @@ class Trainer:
         self.model.train()
         self._window_start = (self.step, time.perf_counter())
         for host_batch, batch in self.backend.device_batches(self.loader, self._encode):
+            if self.encoders is not None:
+                batch = self.backend.encode_batch(self.encoders, batch)
             step = self.step + 1
             checkpoint_due = step % config.ckpt_every == 0 or step == config.steps
             flush_due = checkpoint_due or step % config.log_every == 0
@@ -490,6 +491,12 @@ class Trainer:
             from .pipeline import FluidPipeline
             from .preprocess import load_text_encoder
 
+            if self.encoders is not None and self.encoders.cast is not None:
+                # Cast for the device (bf16): export the weights as saved instead.
+                from .preprocess import load_tokenizer
+
+                self.tokenizer = load_tokenizer(self.config.tokenizer)
+                self.text_encoder = None
             if self.text_encoder is None:
                 self.text_encoder = load_text_encoder(self.config.text_encoder)
 
