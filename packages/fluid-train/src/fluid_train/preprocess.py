@@ -178,6 +178,13 @@ class FrozenEncoders:
             self.cast = dtype
         return self
 
+    def prepare_for_xla(self) -> FrozenEncoders:
+        """No host reads in the encoders' graph: transformers' SDPA path reads the padding mask
+        (``mask.all()``) to skip it, which on SPMD runs and compiles a gather every call; its
+        eager attention builds the additive mask on the device (XLA lowers both the same)."""
+        self.text_encoder.model.set_attn_implementation("eager")
+        return self
+
     def weight_bytes(self) -> int:
         return sum(
             p.numel() * p.element_size()
@@ -375,6 +382,8 @@ class EncodeRuntime:
                 f"least {2 * weight_bytes / 2**30:.0f} GiB, or the xla path (which shards them)"
             )
         encoders.to(self.device)
+        if self.is_xla:
+            encoders.prepare_for_xla()
         if self.sharded:
             from .parallelize import shard_frozen_xla
 
@@ -439,13 +448,18 @@ class EncodeRuntime:
             self._filler = {k: v.clone() for k, v in full.items()}
             self._compiled = compile_xla_encode(encoders, self.mesh)
         sharding = batch_sharding(self.mesh, full, minibatch=self.process_count > 1)
-        out = self._compiled(xm.send_cpu_data_to_device(full, self.device, sharding))
+        on_device = {
+            name: xm.send_cpu_data_to_device(tensor, self.device, sharding[name])[0]
+            for name, tensor in full.items()
+        }
+        out = self._compiled(on_device)
+        xm.wait_device_ops()  # the graph runs asynchronously; its shards are read below
         arrays = {}
         for name, tensor in out.items():
             # This host's rows: the addressable shards of the batch-sharded output, in order
             # (a replicated dimension repeats a row block: keep one of each).
             blocks: dict[int, Tensor] = {}
-            for shard in xs.wrap_as_sharded_tensor(tensor).local_shards:
+            for shard in xs.XLAShardedTensor(tensor).local_shards:
                 index = shard.indices
                 start = index[0].start if isinstance(index, list | tuple) else None
                 blocks.setdefault(start or 0, shard.data)

@@ -162,7 +162,7 @@ class XlaBackend(Backend):
         dtype = self.autocast_dtype(self._precision)  # bf16 on TPUs, fp32 on the CPU device
         if dtype is not None:
             encoders.to("cpu", dtype)
-        encoders.to(self.device)
+        encoders.to(self.device).prepare_for_xla()
         try:
             device_bytes: int | None = int(xm.get_memory_info(self.device)["bytes_limit"])
         except Exception:  # the CPU PJRT device reports no memory limit
