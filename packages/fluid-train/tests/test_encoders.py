@@ -31,7 +31,7 @@ TINY_PROMPTS = [
     "a photo of two blue squares",
     "a photo of a green triangle left of a yellow circle",
 ]
-XLA_STEPS = 12
+XLA_STEPS = 6
 
 
 def png(color) -> bytes:
