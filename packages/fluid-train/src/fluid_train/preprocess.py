@@ -730,7 +730,10 @@ def preprocess(
     )
     runtime.barrier()
     if n > 1 and runtime.process_index == 0 and runtime.process_count == n:
-        merge_manifests(out, n)  # every part has written its own (the barrier waited for them)
+        try:  # every part has written its own (the barrier waited for them) ...
+            merge_manifests(out, n)
+        except FileNotFoundError as error:  # ... unless --out is not one shared filesystem
+            logger.warning("preprocess.json not written: %s", error)
     return result
 
 
