@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from fluid_train.data import TrainLoader, write_shard
-from fluid_train.presets import PAPER_SIZES
 from fluid_train.preprocess import encoded_sample, sample_bytes
+from fluid_train.presets import PAPER_SIZES
 
 TOKENS, CHANNELS, WIDTH, LENGTH = 256, 16, 4096, 128  # the paper's shapes
 
 
-def write_shards(root: Path, samples: int, per_shard: int, text_tokens: float, storage: str) -> float:
+def write_shards(
+    root: Path, samples: int, per_shard: int, text_tokens: float, storage: str
+) -> float:
     """Synthetic encoded shards; returns the mean stored bytes per sample."""
     rng = np.random.default_rng(0)
     low, high = max(1, round(text_tokens / 2)), min(LENGTH, round(text_tokens * 1.5))
@@ -83,7 +85,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rates, sizes = {}, {}
         # Padded samples are 1 MiB each: a quarter as many suffice for a rate.
-        for storage, count in (("trimmed", args.samples), ("padded", max(args.samples // 4, 4 * args.batch))):
+        for storage, count in (
+            ("trimmed", args.samples),
+            ("padded", max(args.samples // 4, 4 * args.batch)),
+        ):
             root = Path(tmp) / storage
             sizes[storage] = write_shards(root, count, 64, args.text_tokens, storage)
             rates[storage] = loader_rate(root, args.batch, count)

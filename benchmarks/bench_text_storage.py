@@ -29,10 +29,15 @@ from fluid_train.preprocess import encoded_sample
 
 # ../shared/data/geneval beside the checkout (or beside the directory of worktrees).
 _ROOT = Path(__file__).resolve().parents[1]
-GENEVAL = next(
-    (p for p in (_ROOT.parent / "shared", _ROOT.parents[1] / "shared") if p.is_dir()),
-    _ROOT.parent / "shared",
-) / "data" / "geneval" / "evaluation_metadata.jsonl"
+GENEVAL = (
+    next(
+        (p for p in (_ROOT.parent / "shared", _ROOT.parents[1] / "shared") if p.is_dir()),
+        _ROOT.parent / "shared",
+    )
+    / "data"
+    / "geneval"
+    / "evaluation_metadata.jsonl"
+)
 MAX_LENGTH = 128  # the paper's T5 length (DEFAULT_MAX_LENGTH)
 TOKENS, CHANNELS = 256, 16  # the paper's SD-VAE tokens
 
@@ -88,12 +93,12 @@ def sample_sizes(real: int, caption: str, width: int) -> dict[str, int]:
 def measure(name: str, captions: list[str], counts: list[int], width: int) -> dict:
     cache: dict[int, dict[str, int]] = {}
     totals = dict.fromkeys(("text_padded", "text_trimmed", "tar_padded", "tar_trimmed"), 0)
-    for caption, real in zip(captions, counts, strict=True):
+    # The caption's own bytes differ per caption; a 40-byte stand-in is one tar block as each
+    # of these captions is (under 512 bytes), so sizes depend on the token count only.
+    for real in counts:
         if real not in cache:
             cache[real] = sample_sizes(real, "x" * 40, width)
         for key, value in cache[real].items():
-            # The caption's own bytes differ per caption; the 40-byte stand-in is one tar block
-            # either way (captions under 512 bytes).
             totals[key] += value
     n = len(captions)
     row = {"set": name, "captions": n, "mean_tokens": float(np.mean(counts)),

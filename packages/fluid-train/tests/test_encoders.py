@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fluid_train.data import iter_raw_samples, write_shard
@@ -100,7 +99,9 @@ def assert_same_shards(got: Path, want: Path) -> None:
                     rtol=2**-10, atol=2**-10,
                 )  # fmt: skip
             else:
-                assert np.array_equal(a[key][name], value) if name != "txt" else a[key][name] == value
+                assert (
+                    np.array_equal(a[key][name], value) if name != "txt" else a[key][name] == value
+                )
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -210,10 +211,19 @@ def test_xla_preprocess_on_4_devices_and_training_on_image_shards(tmp_path, worl
         "xla_sharded": str(tmp_path / "xla_sharded"),
         "model": world["model"].to_dict(),
         "train": dict(
-            out=str(run), backend="xla", precision="fp32", batch_size=4, steps=XLA_STEPS,
-            log_every=1, ckpt_every=100, schedule={"warmup_steps": 2}, progress=False,
+            out=str(run),
+            backend="xla",
+            precision="fp32",
+            batch_size=4,
+            steps=XLA_STEPS,
+            log_every=1,
+            ckpt_every=100,
+            schedule={"warmup_steps": 2},
+            progress=False,
             data={"shards": [world["images"]], "shuffle_buffer": 4, "text_length": TEXT_LENGTH},
-            tokenizer=world["tokenizer"], text_encoder=world["text_encoder"], export=False,
+            tokenizer=world["tokenizer"],
+            text_encoder=world["text_encoder"],
+            export=False,
         ),  # fmt: skip
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))

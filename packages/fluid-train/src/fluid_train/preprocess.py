@@ -161,7 +161,9 @@ class FrozenEncoders:
         self.text_encoder = text_encoder
         self.text_length = text_length
         self.spec = tokenizer.spec
-        self.cast: torch.dtype | None = None  # set by ``to(..., dtype)``: weights no longer as saved
+        self.cast: torch.dtype | None = (
+            None  # set by ``to(..., dtype)``: weights no longer as saved
+        )
 
     @property
     def device(self) -> torch.device:
@@ -752,14 +754,15 @@ def merge_manifests(out: str | os.PathLike, parts: int) -> Path:
     merged["samples"] = samples
     merged["skipped"] = {r: sum(m["skipped"].get(r, 0) for m in manifests) for r in SKIP_REASONS}
     total = sum(m["bytes"]["total"] for m in manifests)
-    weight = lambda key: sum(  # noqa: E731  (a mean over parts, weighted by their samples)
-        m["bytes"][key] * m["samples"] for m in manifests
-    ) / max(samples, 1)
+
+    def weighted(key: str) -> float:  # a mean over parts, weighted by their samples
+        return sum(m["bytes"][key] * m["samples"] for m in manifests) / max(samples, 1)
+
     merged["bytes"] = {
         **manifests[0]["bytes"],
         "per_sample": total / max(samples, 1),
-        "text_per_sample": weight("text_per_sample"),
-        "mean_text_tokens": weight("mean_text_tokens"),
+        "text_per_sample": weighted("text_per_sample"),
+        "mean_text_tokens": weighted("mean_text_tokens"),
         "total": total,
     }
     path = out / PREPROCESS_FILE

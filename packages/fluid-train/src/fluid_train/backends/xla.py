@@ -154,10 +154,10 @@ class XlaBackend(Backend):
     # -------------------------------------------------------------- frozen encoders
 
     def place_encoders(self, encoders: FrozenEncoders) -> FrozenEncoders:
+        import torch_xla.core.xla_model as xm
+
         from ..parallelize import shard_frozen_xla
         from ..preprocess import encoders_fit
-
-        import torch_xla.core.xla_model as xm
 
         dtype = self.autocast_dtype(self._precision)  # bf16 on TPUs, fp32 on the CPU device
         if dtype is not None:
