@@ -3,7 +3,7 @@ PJRT device) and over 2 torchrun processes gives the single-process CPU shards; 
 raw image shards on xla runs the tokenizer and T5 on the device with a flat graph count.
 
 The xla runs share one subprocess (``xr.use_spmd()`` is process-global): preprocessing with the
-weights replicated, then sharded over the 4 devices, then 12 training steps on image shards.
+weights replicated, then sharded over the 4 devices, then 6 training steps on image shards.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ import pytest
 from PIL import Image
 
 from fluid_train.data import iter_raw_samples, write_shard
-from fluid_train.preprocess import EncodeRuntime, FrozenEncoders, encoders_fit, preprocess
+from fluid_train.preprocess import (
+    EncodeRuntime,
+    FrozenEncoders,
+    encoders_fit,
+    load_text_encoder,
+    load_tokenizer,
+    preprocess,
+)
 
 TEXT_LENGTH = 24
 # Words the tiny T5's SentencePiece model was trained on (conftest.TINY_PROMPTS).
@@ -133,14 +140,12 @@ def test_trimmed_preprocess_records_its_bytes_and_the_fit_rule(tmp_path, world):
     t5_xxl = 4_762_310_656 * 2
     assert encoders_fit(t5_xxl, 80 * 2**30) and encoders_fit(t5_xxl, 24 * 2**30)
     assert not encoders_fit(t5_xxl, 16 * 2**30) and encoders_fit(t5_xxl, None)
-    with pytest.raises(RuntimeError, match="GPUs of at least"):
-        runtime = EncodeRuntime("cpu", shard_weights=True)  # sharding is xla's only
-        from fluid_train.preprocess import load_text_encoder, load_tokenizer
-
-        runtime.place(FrozenEncoders(
-            load_tokenizer(world["tokenizer"]), load_text_encoder(world["text_encoder"]),
-            text_length=TEXT_LENGTH,
-        ))  # fmt: skip
+    encoders = FrozenEncoders(
+        load_tokenizer(world["tokenizer"]), load_text_encoder(world["text_encoder"]),
+        text_length=TEXT_LENGTH,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="GPUs of at least"):  # sharding is xla's only
+        EncodeRuntime("cpu", shard_weights=True).place(encoders)
 
 
 def test_two_torchrun_processes_write_the_single_process_shards(tmp_path, world):
@@ -183,8 +188,6 @@ XLA_SCRIPT = textwrap.dedent(
                             pad_to=spec["pad_to"], batch_size=3, device="xla",
                             shard_weights=shard_weights)
         report[name] = result.samples
-    t5 = next(iter(__import__("fluid_train.preprocess", fromlist=["x"]).load_text_encoder(
-        spec["text_encoder"]).parameters()))
     trainer = Trainer(TrainConfig.from_dict(spec["train"]),
                       model_config=FluidConfig.from_dict(spec["model"]))
     weight = trainer.encoders.text_encoder.model.get_input_embeddings().weight
