@@ -347,3 +347,98 @@ def test_only_encoded_shards_are_kept_in_memory(tmp_path):
         TrainLoader(str(tmp_path), batch_size=1, image_size=8, memory_mb=8)
     with pytest.raises(ValueError, match="memory_mb must be >= 0"):
         TrainLoader(str(tmp_path), batch_size=1, image_size=8, memory_mb=-1)
+
+
+# ---------------------------------------------------------------------- trimmed text states
+
+
+def text_states(rng, length: int, dim: int, real: int):
+    """T5-like states [L, D] of ``real`` tokens: zero past them, as T5TextEncoder writes."""
+    mask = np.arange(length) < real
+    return rng.standard_normal((length, dim)).astype(np.float32) * mask[:, None], mask
+
+
+def old_padded_sample(key, tokens, hidden, mask) -> dict:
+    """A sample as `fluid preprocess` wrote them before trimming: [L, D] float16 states."""
+
+    def npy(array):
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        return buffer.getvalue()
+
+    return {
+        "__key__": key,
+        "tokens.npy": npy(tokens.astype(np.int32)),
+        "text.npy": npy(hidden.astype(np.float16)),
+        "text_mask.npy": npy(mask),
+    }
+
+
+def test_trimmed_and_padded_shards_give_identical_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    length, dim = 7, 6
+    layouts = {"trimmed": [], "padded": [], "old": [], "bf16": []}
+    for s in range(3):
+        for name in layouts:
+            layouts[name].append([])
+        for i in range(5):
+            key, tokens = f"{s}{i:04d}", np.array([5 * s + i, 1, 2, 3])
+            hidden, mask = text_states(rng, length, dim, real=1 + (3 * s + i) % length)
+            for name, storage in (("trimmed", "trimmed"), ("padded", "padded")):
+                layouts[name][s].append(encoded_sample(
+                    key, tokens=tokens, text_hidden=hidden, text_mask=mask, text_storage=storage
+                ))  # fmt: skip
+            layouts["old"][s].append(old_padded_sample(key, tokens, hidden, mask))
+            layouts["bf16"][s].append(encoded_sample(
+                key, tokens=tokens, text_hidden=hidden, text_mask=mask, text_dtype="bfloat16"
+            ))  # fmt: skip
+    urls = {}
+    for name, shards in layouts.items():
+        urls[name] = [str(tmp_path / name / f"{s:05d}.tar") for s in range(len(shards))]
+        for url, samples in zip(urls[name], shards, strict=True):
+            write_shard(url, samples)
+    rows = lambda name: [  # noqa: E731  (text rows stored per sample)
+        np.load(io.BytesIO(s["text.npy"])).shape[0] for shard in layouts[name] for s in shard
+    ]
+    assert rows("padded") == [length] * 15
+    assert rows("trimmed") == rows("bf16") == [
+        1 + (3 * s + i) % length for s in range(3) for i in range(5)
+    ]
+
+    def batches(name, **kwargs):
+        loader = TrainLoader(
+            urls[name], batch_size=4, image_size=8, seed=3, shuffle_buffer=4,
+            expected={"tokens": (4,), "text_hidden": (-1, dim)}, **kwargs,
+        )  # fmt: skip
+        iterator = iter(loader)
+        return [next(iterator).tensors for _ in range(8)]  # two epochs and a bit
+
+    reference = batches("old")  # shards written before trimming still load
+    assert reference[0]["text_hidden"].shape == (4, length, dim)
+    for name, kwargs in (("padded", {}), ("trimmed", {}), ("trimmed", {"memory_mb": 1})):
+        for got, want in zip(batches(name, **kwargs), reference, strict=True):
+            assert got.keys() == want.keys()
+            for key in want:
+                assert torch.equal(got[key], want[key]), (name, kwargs, key)
+    # bfloat16 stored as its bits (uint16): the float32 states rounded to bfloat16.
+    for got, want in zip(batches("bf16"), reference, strict=True):
+        assert torch.equal(got["tokens"], want["tokens"])
+        padding = got["text_hidden"][~got["text_mask"]]  # [rows, D] past the real tokens
+        assert torch.equal(padding, torch.zeros_like(padding))
+        torch.testing.assert_close(got["text_hidden"], want["text_hidden"], rtol=8e-3, atol=1e-6)
+
+
+def test_trimmed_states_need_a_prefix_mask():
+    hidden = np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match="not a prefix of real tokens"):
+        encoded_sample("k", tokens=np.arange(4), text_hidden=hidden, text_mask=[1, 0, 1])
+    raw = encoded_sample("k", tokens=np.arange(4), text_hidden=hidden, text_mask=[1, 1, 0])
+    assert np.load(io.BytesIO(raw["text.npy"])).shape == (2, 2)  # trimmed to the real rows
+    out = decode_encoded_sample(raw)
+    assert out["text_hidden"].shape == (3, 2) and out["text_hidden"][2].abs().sum() == 0
+    assert decode_encoded_sample(raw, pad=False)["text_hidden"].shape == (2, 2)
+    bad = dict(raw, **{"text_mask.npy": encoded_sample(  # 2 rows stored, mask says 1 real
+        "k", tokens=np.arange(4), text_hidden=hidden, text_mask=[1, 0, 0], text_storage="padded"
+    )["text_mask.npy"]})  # fmt: skip
+    with pytest.raises(SkipSample, match="trimmed to 2 rows but the mask is not 2 x True"):
+        decode_encoded_sample(bad)

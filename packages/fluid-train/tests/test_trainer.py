@@ -267,8 +267,12 @@ def test_preprocess_then_train_from_the_command_line(tmp_path, parts, capsys):
     load = lambda key: np.load(io.BytesIO(sample[key]))  # noqa: E731
     np.testing.assert_allclose(load("tokens.npy"), moments.mean[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(load("tokens_std.npy"), moments.std[0].numpy(), atol=1e-5)
-    np.testing.assert_allclose(load("text.npy"), states.hidden[0].numpy(), atol=2e-3)  # float16
+    real = int(states.mask[0].sum())  # stored trimmed to the caption's real tokens
+    assert load("text.npy").shape == (real, states.hidden.shape[-1]) and real < 24
+    np.testing.assert_allclose(load("text.npy"), states.hidden[0, :real].numpy(), atol=2e-3)
     assert load("text_mask.npy").tolist() == states.mask[0].tolist()
+    assert manifest["text"]["storage"] == "trimmed"
+    assert manifest["bytes"]["text_per_sample"] < manifest["bytes"]["text_per_sample_padded"]
 
     assert fluid("preprocess", *common, "--out", str(encoded)) == 0  # finished shards are reused
     assert "(2 already done)" in capsys.readouterr().out

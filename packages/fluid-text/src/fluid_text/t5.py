@@ -260,8 +260,16 @@ class T5TextEncoder(nn.Module):
                 f"got {mask.dtype} {list(mask.shape)}"
             )
         ids, mask = ids.to(self.device), mask.to(self.device)
+        attention: Tensor = mask.long()
+        if ids.device.type == "xla" and _TRANSFORMERS_MAJOR >= 5:
+            # transformers 5 reads a 2-D mask on the host (``mask.all()``, to skip it when
+            # nothing is padded): a graph break every call on XLA. A ready additive 4-D mask
+            # [B, 1, 1, L] is used as given, added to the position bias.
+            blocked = torch.finfo(self.dtype).min
+            additive = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device)
+            attention = additive.masked_fill(~mask, blocked)[:, None, None, :]
         with torch.no_grad():
-            hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            hidden = self.model(input_ids=ids, attention_mask=attention).last_hidden_state
         # Padded positions hold whatever T5 computed there; zero them so states are canonical.
         hidden = hidden.masked_fill(~mask[..., None], 0.0)  # [B, L, d_model]
         return TextStates(hidden=hidden, mask=mask)

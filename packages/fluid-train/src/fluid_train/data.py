@@ -8,7 +8,11 @@ Two kinds of shards, told apart by their entries:
   cropped and resized to the model resolution (ADM/MAR's ``center_crop_arr``) to ``[-1, 1]``.
 - ``encoded``: written by ``fluid preprocess`` — ``{key}.tokens.npy`` (VQ ids ``[N]`` or the
   SD-VAE posterior mean ``[N, C]``), optional ``{key}.tokens_std.npy`` ``[N, C]``,
-  ``{key}.text.npy`` (frozen T5 states ``[L, D_t]``), ``{key}.text_mask.npy`` ``[L]``.
+  ``{key}.text.npy`` (frozen T5 states), ``{key}.text_mask.npy`` ``[L]`` (L = the training text
+  length). The states are stored trimmed, ``[n, D_t]`` for a caption of n real tokens (the
+  mask's True prefix), and padded with zeros to ``[L, D_t]`` by the loader; shards written
+  before trimming hold ``[L, D_t]`` and load as they are. float16, float32, or bfloat16 stored
+  as its bit pattern in a ``uint16`` array (numpy has no bfloat16).
   Up to ``memory_mb`` of them (counted as their bytes in the tar; float16 text states take
   twice that once decoded to float32) are kept in memory, decoded, after their first epoch
   (small datasets: parsing the tar and the ``.npy`` entries again took a third of a demo step).
@@ -61,6 +65,7 @@ __all__ = [
     "expand_shards",
     "image_to_tensor",
     "iter_raw_samples",
+    "pad_text_states",
     "write_shard",
 ]
 
@@ -204,13 +209,17 @@ def decode_encoded_sample(
     expected: dict[str, tuple[int, ...]] | None = None,
     *,
     exact: bool = False,
+    pad: bool = True,
 ) -> dict[str, Tensor]:
     """``fluid preprocess`` sample -> tensors ``tokens``, ``text_hidden`` (float32),
     ``text_mask`` (bool), optionally ``token_std``; raises SkipSample("malformed").
 
     ``expected`` maps names to shapes (``-1`` = any size); a mismatch is malformed, since it
-    would change the compiled step's shapes. ``exact``: the sample must have exactly the
-    entries ``expected`` names (how a stream holds every sample to its first one).
+    would change the compiled step's shapes. ``text_hidden`` is checked at its padded shape
+    ``[L, D_t]`` (L = the mask's length), whether stored trimmed or padded. ``exact``: the
+    sample must have exactly the entries ``expected`` names (how a stream holds every sample to
+    its first one). ``pad=False`` leaves trimmed states at ``[n, D_t]`` (``pad_text_states``
+    pads them later, e.g. at collation, so samples kept in memory stay small).
     """
     key = sample.get("__key__", "?")
     try:
@@ -223,20 +232,34 @@ def decode_encoded_sample(
             arrays["token_std"] = _load_npy(sample["tokens_std.npy"])
     except (KeyError, ValueError, OSError) as error:
         raise SkipSample("malformed", f"{key}: {error}") from None
+    hidden, mask = arrays["text_hidden"], arrays["text_mask"]
+    if hidden.ndim != 2 or mask.ndim != 1 or hidden.shape[0] > mask.shape[0]:
+        raise SkipSample(
+            "malformed",
+            f"{key}: text is {list(hidden.shape)} with a mask of {list(mask.shape)}; expected "
+            "[n, D] states with n <= the mask's length",
+        )
+    real = hidden.shape[0]
+    if real < mask.shape[0] and not (mask[:real].all() and not mask[real:].any()):
+        raise SkipSample(
+            "malformed", f"{key}: text is trimmed to {real} rows but the mask is not {real} x True"
+        )
+    shapes = {name: array.shape for name, array in arrays.items()}
+    shapes["text_hidden"] = (mask.shape[0], hidden.shape[1])  # as padded
     if expected is not None:
         if exact and set(arrays) != set(expected):
             raise SkipSample(
                 "malformed", f"{key}: entries {sorted(arrays)}, expected {sorted(expected)}"
             )
-        for name, array in arrays.items():
-            shape = expected.get(name)
-            if shape is None:
+        for name, shape in shapes.items():
+            want = expected.get(name)
+            if want is None:
                 continue
-            if len(shape) != array.ndim or any(
-                e not in (-1, a) for e, a in zip(shape, array.shape, strict=True)
+            if len(want) != len(shape) or any(
+                e not in (-1, a) for e, a in zip(want, shape, strict=True)
             ):
                 raise SkipSample(
-                    "malformed", f"{key}: {name} is {list(array.shape)}, expected {list(shape)}"
+                    "malformed", f"{key}: {name} is {list(shape)}, expected {list(want)}"
                 )
     out = {}
     for name, array in arrays.items():
@@ -245,10 +268,24 @@ def decode_encoded_sample(
             tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
         elif name == "text_mask":
             tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=bool))
+        elif name == "text_hidden" and array.dtype == np.uint16:  # bfloat16 bits
+            bits = torch.from_numpy(np.ascontiguousarray(array).view(np.int16))
+            tensor = bits.view(torch.bfloat16).float()
         else:
             tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         out[name] = tensor
-    return out
+    return pad_text_states(out) if pad else out
+
+
+def pad_text_states(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Trimmed ``text_hidden`` ``[n, D_t]`` (or ``[B, n, D_t]``) zero-padded to the length of
+    ``text_mask`` — exactly what a padded shard stores (T5TextEncoder zeroes padded rows)."""
+    hidden, length = tensors["text_hidden"], tensors["text_mask"].shape[-1]
+    missing = length - hidden.shape[-2]
+    if missing == 0:
+        return tensors
+    pad = hidden.new_zeros((*hidden.shape[:-2], missing, hidden.shape[-1]))
+    return {**tensors, "text_hidden": torch.cat([hidden, pad], dim=-2)}
 
 
 def _load_npy(data: bytes) -> np.ndarray:
@@ -478,11 +515,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _decode(self, raw: dict[str, Any]) -> Any:
         if self.kind == "images":
             return decode_image_sample(raw, self.image_size)
+        # Trimmed text states stay trimmed until collation (smaller in memory).
         if self.fixed is not None:
-            return decode_encoded_sample(raw, self.fixed, exact=True)
-        tensors = decode_encoded_sample(raw, self.expected)
-        # The first sample fixes every entry and shape (fixed-shape batches).
-        self.fixed = {name: tuple(t.shape) for name, t in tensors.items()}
+            return decode_encoded_sample(raw, self.fixed, exact=True, pad=False)
+        tensors = decode_encoded_sample(raw, self.expected, pad=False)
+        # The first sample fixes every entry and (padded) shape: fixed-shape batches.
+        self.fixed = {name: tuple(t.shape) for name, t in pad_text_states(tensors).items()}
         return tensors
 
     def _collate(self, items, stream, state, finished) -> HostBatch:
@@ -494,6 +532,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self.kind == "images":
             images = torch.stack([image for image, _ in items])  # [B, 3, S, S]
             return HostBatch({"images": images}, [c for _, c in items], stream, snapshot, finished)
+        items = [pad_text_states(item) for item in items]
         tensors = {name: torch.stack([item[name] for item in items]) for name in items[0]}
         return HostBatch(tensors, None, stream, snapshot, finished)
 

@@ -56,6 +56,7 @@ __all__ = [
     "parallelize_xla",
     "replicate",
     "shard_batch",
+    "shard_frozen_xla",
     "shard_like",
 ]
 
@@ -165,6 +166,18 @@ def parallelize_xla(
         if buffer.device.type == "xla" and torch_xla._XLAC._get_xla_sharding_spec(buffer) == "":
             xs.mark_sharding(buffer, mesh, (None,) * buffer.ndim)
     return model
+
+
+def shard_frozen_xla(module: nn.Module, mesh: Mesh) -> nn.Module:
+    """Shard a frozen encoder (T5, the image tokenizer) already on the SPMD device: each
+    parameter on its largest dimension over ``fsdp``, as outside FSDPv2 blocks. Used when its
+    weights do not fit one device (``fluid_train.preprocess.encoders_fit``); the compiler
+    all-gathers each weight where it is used. No gradients, so no reduce-scatter."""
+    import torch_xla.distributed.spmd as xs
+
+    for param in module.parameters():
+        xs.mark_sharding(param, mesh, param_partition_spec(param.shape))
+    return module
 
 
 def shard_like(tensor: Tensor, reference: Tensor) -> None:

@@ -227,13 +227,10 @@ class Trainer:
                 "(or preprocess them first with `fluid preprocess`)"
             )
         self.text_encoder = load_text_encoder(config.text_encoder)
-        # eager/fsdp: the frozen parts run on the training device; xla: on the host CPU, in the
-        # loader thread, so the compiled step sees tokens only (preprocess for TPU pods).
-        if self.backend.name in ("eager", "fsdp"):
-            self.tokenizer.to(self.backend.device)
-            self.text_encoder.to(self.backend.device)
         length = config.data.text_length or mc.text_length
-        return FrozenEncoders(self.tokenizer, self.text_encoder, text_length=length)
+        encoders = FrozenEncoders(self.tokenizer, self.text_encoder, text_length=length)
+        # On the training device, placed by the backend (xla: bf16 on TPUs, never the host).
+        return self.backend.place_encoders(encoders)
 
     def _prepare_run(self) -> None:
         config_path = self.run_dir / CONFIG_FILE
@@ -447,11 +444,13 @@ class Trainer:
         return StepOutput(loss=loss.detach(), grad_norm=grad_norm.detach(), lr=lr.detach())
 
     def _encode(self, host_batch: HostBatch) -> dict[str, Tensor]:
+        """Host side of a batch: encoded shards as read; image shards with their captions
+        tokenized (the encoders run on the device, in ``backend.encode_batch``)."""
         if self.encoders is None:
             return host_batch.tensors
         captions = host_batch.captions
         names = [f"caption {i} of a training batch" for i in range(len(captions))]
-        return self.encoders(host_batch.tensors["images"], captions, names)
+        return self.encoders.host_inputs(host_batch.tensors["images"], captions, names)
 
     # -------------------------------------------------------------- host reads
 
@@ -622,6 +621,8 @@ class Trainer:
         deadline = None if config.time_limit_s is None else time.perf_counter() + config.time_limit_s
         micro: list[tuple[HostBatch, dict[str, Tensor]]] = []
         for host_batch, batch in self.backend.device_batches(self.loader, self._encode):
+            if self.encoders is not None:
+                batch = self.backend.encode_batch(self.encoders, batch)
             micro.append((host_batch, batch))
             if len(micro) < config.grad_accum:
                 continue
@@ -671,6 +672,12 @@ class Trainer:
             from .pipeline import FluidPipeline
             from .preprocess import load_text_encoder
 
+            if self.encoders is not None and self.encoders.cast is not None:
+                # Cast for the device (bf16): export the weights as saved instead.
+                from .preprocess import load_tokenizer
+
+                self.tokenizer = load_tokenizer(self.config.tokenizer)
+                self.text_encoder = None
             if self.text_encoder is None:
                 self.text_encoder = load_text_encoder(self.config.text_encoder)
 

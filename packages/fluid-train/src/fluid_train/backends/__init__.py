@@ -24,6 +24,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..data import HostBatch, TrainLoader
     from ..ema import EMA
+    from ..preprocess import FrozenEncoders
     from ..recipe import TrainConfig
 
 __all__ = ["Backend", "CheckpointState", "resolve_backend", "build_backend", "xla_available"]
@@ -89,6 +90,19 @@ class Backend(ABC):
         self, loader: TrainLoader, encode: Encode
     ) -> Iterator[tuple[HostBatch, dict[str, Tensor]]]:
         """(host batch, its training tensors on the device), in loader order."""
+
+    # -------------------------------------------------------------- frozen encoders
+
+    def place_encoders(self, encoders: FrozenEncoders) -> FrozenEncoders:
+        """Put the frozen tokenizer and T5 where training on image shards runs them. Default:
+        on the training device, as loaded (eager; a torch.distributed backend inherits it, so
+        each rank encodes its own batch on its GPU). Overridden by xla (bf16, SPMD)."""
+        return encoders.to(self.device)
+
+    def encode_batch(self, encoders: FrozenEncoders, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Device batch of ``FrozenEncoders.host_inputs`` (images, text ids and mask) -> the
+        training tensors, under no_grad, outside the training step."""
+        return encoders.encode_inputs(batch)
 
     @abstractmethod
     def run_step(

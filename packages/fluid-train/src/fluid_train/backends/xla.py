@@ -9,6 +9,10 @@
 - The step: ``torch_xla.compile`` traces the whole step (forward, backward, clipping, AdamW with
   a tensor learning rate, EMA) into one graph, executed at its exit; fixed shapes and no host
   values in the step keep the number of compiled graphs constant after the first steps.
+- Training on image shards: the frozen tokenizer and T5 run on the device (bf16 on TPUs; sharded
+  when they take more than half of a device's memory), as their own compiled graph between the
+  upload and the step (``compile_xla_encode``) — never on the host CPU. Only SentencePiece runs
+  on the host, in the loader thread.
 - Host reads go through ``xm.add_step_closure``: they run after the step's graph has executed.
 - ``compiles`` = torch_xla's ``CompileTime`` metric count.
 - Checkpoints: ``torch.distributed.checkpoint`` with the SPMD planners (sharded, no gather).
@@ -32,6 +36,7 @@ from . import Backend, CheckpointState, Encode
 if TYPE_CHECKING:  # pragma: no cover
     from ..data import HostBatch, TrainLoader
     from ..ema import EMA
+    from ..preprocess import FrozenEncoders
     from ..recipe import TrainConfig
 
 __all__ = ["XlaBackend"]
@@ -62,6 +67,8 @@ class XlaBackend(Backend):
                 # DCP coordinates the hosts' shard writes through a CPU process group.
                 dist.init_process_group("gloo", init_method="xla://")
         self._compiled_step: Callable | None = None
+        self._compiled_encode: Callable | None = None
+        self._precision = config.precision
         logger.info(
             "xla backend: %s, %d devices, mesh %s, host %d of %d",
             self.device_type,
@@ -153,6 +160,36 @@ class XlaBackend(Backend):
         )
         for tensors in device_loader:
             yield pending.popleft(), tensors
+
+    # -------------------------------------------------------------- frozen encoders
+
+    def place_encoders(self, encoders: FrozenEncoders) -> FrozenEncoders:
+        import torch_xla.core.xla_model as xm
+
+        from ..parallelize import shard_frozen_xla
+        from ..preprocess import encoders_fit
+
+        dtype = self.autocast_dtype(self._precision)  # bf16 on TPUs, fp32 on the CPU device
+        if dtype is not None:
+            encoders.to("cpu", dtype)
+        encoders.to(self.device).prepare_for_xla()
+        try:
+            device_bytes: int | None = int(xm.get_memory_info(self.device)["bytes_limit"])
+        except Exception:  # the CPU PJRT device reports no memory limit
+            device_bytes = None
+        if not encoders_fit(encoders.weight_bytes(), device_bytes):
+            for module in (encoders.tokenizer, encoders.text_encoder):
+                shard_frozen_xla(module, self.mesh)
+        return encoders
+
+    def encode_batch(self, encoders: FrozenEncoders, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        from ..preprocess import compile_xla_encode
+
+        # A graph of its own, outside the step: one compile, and the step graph is the same
+        # as for encoded shards (inputs split by rows).
+        if self._compiled_encode is None:
+            self._compiled_encode = compile_xla_encode(encoders, self.mesh)
+        return self._compiled_encode(batch)
 
     # -------------------------------------------------------------- the step
 

@@ -152,9 +152,11 @@ def _register_preprocess(subparsers: argparse._SubParsersAction) -> None:
         help="encode image shards once into token + T5-state shards",
         description=(
             "Run the frozen tokenizer and T5 once over image shards and write shards of tokens "
-            "(VQ ids, or SD-VAE posterior mean and std) and padded T5 states that `fluid train` "
-            "reads directly. One output shard per input shard; finished shards are skipped when "
-            "re-run, so an interrupted job resumes."
+            "(VQ ids, or SD-VAE posterior mean and std) and T5 states stored at the caption's "
+            "real length (the loader pads them) that `fluid train` reads directly. One output "
+            "shard per input shard; finished shards are skipped when re-run, so an interrupted "
+            "job resumes. Runs on every device of a TPU host (SPMD; hosts split the shards by "
+            "their process index), or under `torchrun --nproc-per-node N` one rank per GPU."
         ),
     )
     p.add_argument("--data", nargs="+", required=True, metavar="SHARDS", help="image shards")
@@ -163,14 +165,36 @@ def _register_preprocess(subparsers: argparse._SubParsersAction) -> None:
         "--text-encoder", required=True, metavar="DIR", help="saved T5 encoder directory"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output shard directory")
-    p.add_argument("--pad-to", type=int, help="T5 length L of every sample (default: encoder max)")
     p.add_argument(
-        "--batch-size", type=int, default=32, help="images per encoder call (default 32)"
+        "--pad-to", type=int, help="training text length L (default: the encoder's max length)"
     )
+    p.add_argument(
+        "--batch-size", type=int, default=32,
+        help="images per encoder call, per host on xla (default 32)",
+    )  # fmt: skip
     p.add_argument("--image-size", type=int, help="resize/crop size (default: the tokenizer's)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--text-dtype", choices=("float16", "float32"), default="float16")
-    p.add_argument("--part", default="0/1", metavar="K/N", help="encode input shards K, K+N, ...")
+    p.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:I or xla (default: xla on a TPU host, else cuda if available)",
+    )
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="encoder weights (default auto: bf16 on accelerators, fp32 on CPUs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--shard-weights", action=argparse.BooleanOptionalAction, default=None,
+        help="shard the encoders over the xla devices (default: when they take more than half "
+        "of one device's memory)",
+    )  # fmt: skip
+    p.add_argument("--text-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument(
+        "--text-storage", choices=("trimmed", "padded"), default="trimmed",
+        help="store T5 states at the caption's length (default) or padded to --pad-to",
+    )  # fmt: skip
+    p.add_argument(
+        "--part", default="0/1", metavar="K/N",
+        help="encode input shards K, K+N, ... (split again over torchrun ranks / xla hosts)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="re-encode shards that exist")
     p.set_defaults(func=run_preprocess)
 
@@ -198,16 +222,21 @@ def run_preprocess(args: argparse.Namespace) -> int:
                 pad_to=args.pad_to,
                 batch_size=args.batch_size,
                 device=args.device,
+                precision=args.precision,
+                shard_weights=args.shard_weights,
                 text_dtype=args.text_dtype,
+                text_storage=args.text_storage,
                 part=part,
                 overwrite=args.overwrite,
                 progress=bar.update,
             )
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError, RuntimeError) as error:
             print(f"fluid preprocess: error: {error}", file=sys.stderr)
             return 2
+    k, n = result.part
     print(
         f"encoded {result.samples} samples into {len(result.shards)} shard(s) in {result.out} "
-        f"({len(result.reused)} already done); skipped {result.skipped}"
+        f"({len(result.reused)} already done){f', part {k} of {n}' if n > 1 else ''}; "
+        f"skipped {result.skipped}; {result.bytes_per_sample / 1024:.1f} KiB per sample"
     )
     return 0
