@@ -31,7 +31,7 @@ def main() -> int:
     quiet_libraries()
     configure_cpu()
     report = run_demo(args.out, budget=args.budget, seed=args.seed, progress=False)
-    minutes = BUDGETS[args.budget][0] if args.budget in BUDGETS else float(args.budget)
+    minutes = BUDGETS[args.budget].minutes if args.budget in BUDGETS else float(args.budget)
     below_chance = [f for f, s in report.geneval.items() if not s > report.chance[f]]
     targets = {
         "geneval_overall": report.geneval_overall >= args.min_geneval,

@@ -69,6 +69,9 @@ def test_report_structure_and_every_stage(demo_runs):
     assert stages <= set(report["stage_seconds"])
     assert report["elapsed_s"] >= sum(report["stage_seconds"][s] for s in stages)
     assert report["settings"]["steps"] == 6 and report["settings"]["preset"] == "debug"
+    # No budget in TINY: every step trains and nothing limits the time.
+    assert report["trained_steps"] == 6 and not report["time_limited"]
+    assert report["train_time_limit_s"] is None
     assert report["settings"]["world"]["num_images"] == 96
     # The world's layout reaches the evaluation: every ground-truth object in one token cell.
     assert report["settings"]["world"]["layout"] == "cells"
@@ -257,9 +260,26 @@ def test_budgets():
     assert demo_settings(15).steps == demo_settings("default").steps
     assert demo_settings(20).steps > demo_settings("default").steps
     assert demo_settings(20).world == demo_settings("default").world
+    assert demo_settings("default").minutes == 15 and demo_settings(20).minutes == 20
     for bad in ("huge", "-3", 0.1):
         with pytest.raises(ValueError, match="budget"):
             demo_settings(bad)
+
+
+def test_a_budget_sizes_training_to_the_time_it_leaves(demo_runs, tmp_path):
+    """A slow machine trains fewer steps instead of running past its minutes: the stages before
+    training (cached here) take their time, training gets what the budget leaves."""
+    out = demo_runs[0]
+    lines: list[str] = []
+    settings = replace(TINY, steps=100_000, minutes=0.01, after_train_s=0.0)
+    report = run_demo(
+        tmp_path, settings=settings, seed=1, cache=out / "cache", log=lines.append, progress=False
+    )
+    assert report.time_limited and 0 < report.trained_steps < 100_000
+    assert report.train_time_limit_s == 1.0  # the floor: the budget was spent before training
+    assert any("budget is spent before training" in line for line in lines)
+    assert any(f"allowed {report.trained_steps} of 100000 steps" in line for line in lines)
+    assert (tmp_path / "grid.png").is_file() and report.geneval_overall >= 0.0
 
 
 def test_cli_rejects_a_bad_budget(tmp_path, capsys):

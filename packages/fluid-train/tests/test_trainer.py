@@ -115,6 +115,31 @@ def test_resume_gives_identical_losses_and_ema(tmp_path, tiny_config):
     assert record["lr"] == pytest.approx(1e-4) and record["epoch"] == 1
 
 
+def test_time_limit_ends_the_run_like_its_last_step_and_resumes_exactly(
+    tmp_path, tiny_config, monkeypatch
+):
+    import fluid_train.trainer as trainer_module
+
+    config = tiny_config("continuous", "random")
+    data = encoded_shards(tmp_path / "data", config)
+    straight = train(run_config(tmp_path / "a", data), model_config=config)
+    clock = iter(range(10_000))  # a clock that ticks one second each time it is read
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
+    limited = train(run_config(tmp_path / "b", data, time_limit_s=6.0), model_config=config)
+    monkeypatch.undo()
+    assert limited.time_limited and limited.preempted is None
+    assert 0 < limited.step < 8
+    assert limited.checkpoint.name == f"step_{limited.step:08d}"  # checkpointed where it stopped
+    assert (tmp_path / "b" / "model" / "model.safetensors").is_file()  # and exported
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")[: limited.step]
+    resumed = train(run_config(tmp_path / "b", data, resume=True), model_config=config)
+    assert resumed.step == 8 and not resumed.time_limited
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert straight.step == 8
+    with pytest.raises(ValueError, match="time_limit_s"):
+        run_config(tmp_path / "c", data, time_limit_s=0)
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_config, monkeypatch):
     config = tiny_config("discrete", "random")
     data = encoded_shards(tmp_path / "data", config)

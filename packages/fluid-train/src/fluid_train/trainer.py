@@ -573,13 +573,17 @@ class Trainer:
             return False
         return self.backend.any_process(local)
 
-    def _stop(self) -> None:
-        """Preemption: flush the steps not read yet, checkpoint this step, leave the loop."""
+    def _flush_pending(self) -> None:
+        """Read the losses of the steps not logged yet (they have run) and log them."""
         if self._pending:
             *previous, last = self._pending
-            self._closure(previous)(last)  # reads the losses on the host (the step has run)
+            self._closure(previous)(last)
             self._pending = []
             self._after_flush()
+
+    def _stop(self) -> None:
+        """Preemption: flush the steps not read yet, checkpoint this step, leave the loop."""
+        self._flush_pending()
         if self._checkpoint_step != self.step:
             self.save_checkpoint()
         self.preempted = (
@@ -652,6 +656,7 @@ class Trainer:
                 break
             if self._out_of_time(step, deadline):
                 self.time_limited = True
+                self._flush_pending()
                 logger.info(
                     "time limit of %.0f s reached after step %d of %d", config.time_limit_s,
                     step, config.steps,

@@ -33,12 +33,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cache import Log, Stages
 from .evaluation import contact_grid, evaluate_pipeline, plot_loss, read_metrics
 from .settings import DemoSettings, demo_settings
 from .world import World, build_world
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..trainer import TrainResult
 
 __all__ = ["DemoReport", "run_demo", "train_model"]
 
@@ -55,8 +58,10 @@ def train_model(
     order: str = "random",
     seed: int = 0,
     progress: bool = True,
-) -> Path:
-    """Train one model on the encoded shapes world with the real trainer; the EMA pipeline's dir.
+    time_limit_s: float | None = None,
+) -> TrainResult:
+    """Train one model on the encoded shapes world with the real trainer (for at most
+    ``time_limit_s`` seconds); ``result.pipeline`` is the exported EMA pipeline.
 
     The recipe is the paper's (AdamW β=(0.9, 0.95), weight decay 0.02, linear warmup to a
     constant learning rate, gradient clipping, EMA every step), scaled down: warmup, steps,
@@ -89,11 +94,12 @@ def train_model(
         ckpt_every=settings.steps,
         keep_checkpoints=1,
         progress=progress,
+        time_limit_s=time_limit_s,
     )
     result = train(config)
     if result.pipeline is None:
         raise RuntimeError(f"training {run} exported no pipeline")
-    return result.pipeline
+    return result
 
 
 # ---------------------------------------------------------------------------------- the demo
@@ -112,6 +118,9 @@ class DemoReport:
     stage_seconds: dict[str, float]
     cached: dict[str, bool]
     final_loss: float | None
+    trained_steps: int  # settings.steps, or fewer where the time budget ran out first
+    time_limited: bool
+    train_time_limit_s: float | None  # what the budget left for training
     params: int
     settings: dict[str, Any]
     seed: int
@@ -162,8 +171,21 @@ def run_demo(
     world = build_world(cache, settings.world, seed=seed, stages=stages)
     config = settings.model_config()
     params = FluidModel.count_params(config).total
-    with stages.stage("train", f"Fluid {settings.preset} ({params / 1e6:.2f}M params), {settings.steps} steps of {settings.batch_size}"):  # fmt: skip
-        pipeline = train_model(world, settings, out / "run", seed=seed, progress=progress)
+    time_limit = None
+    if settings.minutes is not None:
+        # Size training to what the budget leaves on this machine: the steps are a cap.
+        left = settings.minutes * 60 - (time.perf_counter() - start) - settings.after_train_s
+        if left < 1.0:
+            log(f"[train] the {settings.minutes:g}-minute budget is spent before training")
+        time_limit = max(left, 1.0)
+    limit_text = "" if time_limit is None else f", at most {time_limit:.0f} s"
+    with stages.stage("train", f"Fluid {settings.preset} ({params / 1e6:.2f}M params), up to {settings.steps} steps of {settings.batch_size}{limit_text}"):  # fmt: skip
+        trained = train_model(
+            world, settings, out / "run", seed=seed, progress=progress, time_limit_s=time_limit
+        )
+    if trained.time_limited:
+        log(f"[train] the budget allowed {trained.step} of {settings.steps} steps")
+    pipeline = trained.pipeline
     result = evaluate_pipeline(pipeline, settings, out, cache=cache, seed=seed, stages=stages)
     metrics = read_metrics(out / "run")
     files = {
@@ -184,6 +206,9 @@ def run_demo(
         stage_seconds={k: round(v, 2) for k, v in stages.seconds.items()},
         cached=stages.cached,
         final_loss=metrics[-1]["loss"] if metrics else None,
+        trained_steps=trained.step,
+        time_limited=trained.time_limited,
+        train_time_limit_s=time_limit,
         params=params,
         settings={**settings.to_dict(), "budget": budget_name},
         seed=seed,

@@ -126,7 +126,7 @@ def _run_one(
         pipeline = train_model(
             world, run_settings, run_dir / "run", tokens=tokens, order=order, seed=seed,
             progress=progress,
-        )  # fmt: skip
+        ).pipeline  # fmt: skip
     with stages.stage("validate", "validation loss on the held-out scenes"):
         val_loss, val_stderr = _validation_loss(pipeline, world.encoded[tokens][1], settings.val_batch_size)  # fmt: skip
     scores = evaluate_pipeline(
