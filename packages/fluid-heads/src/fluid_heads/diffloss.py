@@ -18,7 +18,9 @@ Sizes (W = width, C = token_dim, D = cond_dim; ``DiffLossHead.num_params``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +30,8 @@ from .diffusion import GaussianDiffusion, create_diffusion
 __all__ = ["DiffLossHead", "DiffLossHeadConfig", "DiffLossMLP"]
 
 FREQUENCY_DIM = 256  # sinusoidal timestep features, as DiT/MAR
+
+SamplePath = Literal["fast", "reference"]
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -121,9 +125,17 @@ class DiffLossMLP(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        """The per-row reference: every row embeds its own t and projects its own z."""
         dtype = self.input_proj.weight.dtype
-        h = self.input_proj(x.to(dtype))  # [B, W]
         y = self.time_embed(t) + self.cond_embed(z.to(dtype))  # [B, W]
+        return self.forward_conditioned(x, y)
+
+    def forward_conditioned(self, x: Tensor, y: Tensor) -> Tensor:
+        """(x_t [B, C], y [B, W] = time embedding + condition projection) -> [B, 2C].
+
+        Sampling builds y from a time embedding computed once per diffusion step and a
+        condition projection computed once per call (``DiffLossHead.sample``)."""
+        h = self.input_proj(x.to(self.input_proj.weight.dtype))  # [B, W]
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y)  # [B, 2C]
@@ -339,9 +351,11 @@ class DiffLossHead(nn.Module):
         self,
         z: Tensor,
         temperature: float = 1.0,
-        cfg: float = 1.0,
+        cfg: float | Tensor = 1.0,
         *,
         generator: torch.Generator | None = None,
+        path: SamplePath = "fast",
+        step_marker: Callable[[], None] | None = None,
     ) -> Tensor:
         """Draw one token per condition with ancestral sampling on the respaced schedule.
 
@@ -349,37 +363,64 @@ class DiffLossHead(nn.Module):
         ``z = [z_cond; z_uncond]`` and gets ``[x; x]``: both halves start from and share the
         same noise, ε̂ = ε_u + cfg·(ε_c − ε_u), and the variance comes from the cond half
         (what MAR's kept half uses). ``generator`` must live on z's device.
+
+        ``path="fast"`` (the default) does the work that does not depend on the row once: the
+        condition projection of z once per call (it is the same for all diffusion steps) and
+        the time embedding once per diffusion step (it is the same for every row); the same
+        math as ``path="reference"``, MAR's per-row evaluation, to float rounding.
+        A tensor ``cfg`` (0-d, on z's device) is always the guided path and never read on the
+        host. ``step_marker`` is called after every diffusion step (e.g. ``torch_xla.sync``, so a
+        lazy-tensor device compiles one step graph instead of unrolling the loop).
         """
         if z.ndim != 2 or z.shape[1] != self.cond_dim:
             raise ValueError(f"z must be [M, {self.cond_dim}]; got {list(z.shape)}")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0; got {temperature}")
+        if path not in ("fast", "reference"):
+            raise ValueError(f"path must be 'fast' or 'reference'; got {path!r}")
         bound = self.effective_x0_bound()
         c = self.token_dim
-        if cfg == 1.0:
-            rows = z.shape[0]
+        guided = isinstance(cfg, Tensor) or cfg != 1.0
+        if guided and z.shape[0] % 2:
+            raise ValueError(
+                f"with cfg != 1, z must stack [z_cond; z_uncond] (an even number of rows); "
+                f"got {z.shape[0]}"
+            )
+        rows = z.shape[0] // 2 if guided else z.shape[0]
 
-            def model(x: Tensor, t: Tensor) -> Tensor:
-                return self.net(x, t, z)  # [M, 2C]
+        def guide(out: Tensor) -> Tensor:  # [2R, 2C] -> [R, 2C]
+            out = out.float()
+            cond, uncond = out[:rows], out[rows:]
+            eps = uncond[:, :c] + cfg * (cond[:, :c] - uncond[:, :c])  # [R, C]
+            return torch.cat([eps, cond[:, c:]], dim=1)
+
+        net = self.net
+        if path == "fast" and isinstance(net, DiffLossMLP):
+            dtype = net.input_proj.weight.dtype
+            cond_proj = net.cond_embed(z.to(dtype))  # [M, W], once for all diffusion steps
+
+            def model(x: Tensor, t_model: Tensor) -> Tensor:
+                # Every row is at the same step: embed it once, broadcast over the M rows.
+                y = cond_proj + net.time_embed(t_model[:1])  # [M, W]
+                out = net.forward_conditioned(torch.cat([x, x]) if guided else x, y)
+                return guide(out) if guided else out
         else:
-            if z.shape[0] % 2:
-                raise ValueError(
-                    f"with cfg != 1, z must stack [z_cond; z_uncond] (an even number of rows); "
-                    f"got {z.shape[0]}"
-                )
-            rows = z.shape[0] // 2
 
-            def model(x: Tensor, t: Tensor) -> Tensor:
-                out = self.net(torch.cat([x, x]), torch.cat([t, t]), z).float()  # [2R, 2C]
-                cond, uncond = out[:rows], out[rows:]
-                eps = uncond[:, :c] + cfg * (cond[:, :c] - uncond[:, :c])  # [R, C]
-                return torch.cat([eps, cond[:, c:]], dim=1)  # [R, 2C]
+            def model(x: Tensor, t_model: Tensor) -> Tensor:
+                if not guided:
+                    return net(x, t_model, z)  # [M, 2C]
+                return guide(net(torch.cat([x, x]), torch.cat([t_model, t_model]), z))
 
         noise = torch.randn((rows, c), generator=generator, device=z.device)  # x_T, not scaled
         x = self.sample_diffusion.p_sample_loop(
-            model, noise, temperature=temperature, x0_bound=bound, generator=generator
+            model,
+            noise,
+            temperature=temperature,
+            x0_bound=bound,
+            generator=generator,
+            step_marker=step_marker,
         )  # [R, C]
-        return x if cfg == 1.0 else torch.cat([x, x])
+        return torch.cat([x, x]) if guided else x
 
     # ------------------------------------------------------------------ helpers
 
