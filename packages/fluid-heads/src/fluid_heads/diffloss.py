@@ -141,6 +141,15 @@ class DiffLossMLP(nn.Module):
         return self.final_layer(h, y)  # [B, 2C]
 
 
+def _guide(out: Tensor, cfg: float | Tensor, channels: int) -> Tensor:
+    """[cond; uncond] outputs [2R, 2C] -> [R, 2C]: ε_u + cfg·(ε_c − ε_u), the cond variance."""
+    out = out.float()
+    rows = out.shape[0] // 2
+    cond, uncond = out[:rows], out[rows:]
+    eps = uncond[:, :channels] + cfg * (cond[:, :channels] - uncond[:, :channels])  # [R, C]
+    return torch.cat([eps, cond[:, channels:]], dim=1)
+
+
 @dataclass(kw_only=True, slots=True)
 class DiffLossHeadConfig:
     """Everything that defines a ``DiffLossHead``; ``build()`` makes one."""
@@ -264,6 +273,7 @@ class DiffLossHead(nn.Module):
         self.sample_diffusion: GaussianDiffusion = create_diffusion(train_steps, str(sample_steps))
         # Running max |target| over the rows that counted in training (0 = nothing seen yet).
         self.register_buffer("target_abs_max", torch.zeros(()))
+        self._captured_step: Callable[..., Tensor] | None = None  # capture_sampling()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -387,31 +397,18 @@ class DiffLossHead(nn.Module):
                 f"got {z.shape[0]}"
             )
         rows = z.shape[0] // 2 if guided else z.shape[0]
-
-        def guide(out: Tensor) -> Tensor:  # [2R, 2C] -> [R, 2C]
-            out = out.float()
-            cond, uncond = out[:rows], out[rows:]
-            eps = uncond[:, :c] + cfg * (cond[:, :c] - uncond[:, :c])  # [R, C]
-            return torch.cat([eps, cond[:, c:]], dim=1)
-
         net = self.net
-        if path == "fast" and isinstance(net, DiffLossMLP):
-            dtype = net.input_proj.weight.dtype
-            cond_proj = net.cond_embed(z.to(dtype))  # [M, W], once for all diffusion steps
-
-            def model(x: Tensor, t_model: Tensor) -> Tensor:
-                # Every row is at the same step: embed it once, broadcast over the M rows.
-                y = cond_proj + net.time_embed(t_model[:1])  # [M, W]
-                out = net.forward_conditioned(torch.cat([x, x]) if guided else x, y)
-                return guide(out) if guided else out
-        else:
-
-            def model(x: Tensor, t_model: Tensor) -> Tensor:
-                if not guided:
-                    return net(x, t_model, z)  # [M, 2C]
-                return guide(net(torch.cat([x, x]), torch.cat([t_model, t_model]), z))
-
         noise = torch.randn((rows, c), generator=generator, device=z.device)  # x_T, not scaled
+        if path == "fast" and isinstance(net, DiffLossMLP):
+            x = self._sample_fast(z, noise, temperature, cfg, guided, bound, generator, step_marker)
+            return torch.cat([x, x]) if guided else x
+
+        def model(x: Tensor, t_model: Tensor) -> Tensor:  # MAR's per-row evaluation
+            if not guided:
+                return net(x, t_model, z)  # [M, 2C]
+            out = net(torch.cat([x, x]), torch.cat([t_model, t_model]), z)
+            return _guide(out, cfg, c)
+
         x = self.sample_diffusion.p_sample_loop(
             model,
             noise,
@@ -421,6 +418,76 @@ class DiffLossHead(nn.Module):
             step_marker=step_marker,
         )  # [R, C]
         return torch.cat([x, x]) if guided else x
+
+    def capture_sampling(self, enabled: bool = True, *, mode: str = "reduce-overhead") -> None:
+        """On CUDA, run each diffusion step of ``sample`` as a compiled, captured graph.
+
+        ``torch.compile(mode="reduce-overhead")`` records the step as a CUDA graph: one launch
+        per step instead of ~40 small kernels, which is what bounds small batches. Only used
+        for z on a CUDA device (CPU and XLA keep the plain loop). Not run in this project's
+        CI, which has no GPU.
+        """
+        self._captured_step = (
+            torch.compile(self._denoise_step, mode=mode, dynamic=False) if enabled else None
+        )
+
+    def _sample_fast(
+        self,
+        z: Tensor,
+        noise: Tensor,
+        temperature: float,
+        cfg: float | Tensor,
+        guided: bool,
+        bound: Tensor | None,
+        generator: torch.Generator | None,
+        step_marker: Callable[[], None] | None,
+    ) -> Tensor:
+        """The ancestral loop with the row-independent work hoisted; same draws as the reference."""
+        net = self.net
+        cond_proj = net.cond_embed(z.to(net.input_proj.weight.dtype))  # [M, W], once per call
+        step = self._denoise_step
+        captured = self._captured_step
+        if captured is not None and z.device.type == "cuda":
+            step = captured
+            if not isinstance(cfg, Tensor):  # data, not a constant: one graph for every scale
+                cfg = torch.tensor(float(cfg), device=z.device)
+        x = noise.float()  # [R, C]
+        k = self.sample_diffusion.num_timesteps
+        t = torch.full((x.shape[0],), k - 1, dtype=torch.int64, device=x.device)  # counted down
+        for _ in range(k):
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if step is captured:
+                torch.compiler.cudagraph_mark_step_begin()
+                x = step(x, t, cond_proj, eps, cfg, temperature, bound, guided).clone()
+            else:
+                x = step(x, t, cond_proj, eps, cfg, temperature, bound, guided)
+            t = t - 1
+            if step_marker is not None:
+                step_marker()
+        return x
+
+    def _denoise_step(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond_proj: Tensor,
+        noise: Tensor,
+        cfg: float | Tensor,
+        temperature: float,
+        bound: Tensor | None,
+        guided: bool,
+    ) -> Tensor:
+        """x_t [R, C] -> x_{t-1}: ``GaussianDiffusion.p_sample`` with the MLP's y built from the
+        call's condition projection [M, W] and one time embedding for all rows."""
+        diffusion, net = self.sample_diffusion, self.net
+        t_model = diffusion.model_timesteps(t)  # [R] original steps, all equal
+        y = cond_proj + net.time_embed(t_model[:1])  # [M, W]: one row embedded, broadcast
+        out = net.forward_conditioned(torch.cat([x, x]) if guided else x, y)  # [M, 2C]
+        if guided:
+            out = _guide(out, cfg, self.token_dim)
+        pred = diffusion.p_mean_variance(out, x, t, x0_bound=bound)
+        nonzero = (t != 0).to(x.dtype).view(-1, 1)  # no noise at t = 0
+        return pred.mean + nonzero * torch.exp(0.5 * pred.log_variance) * noise * temperature
 
     # ------------------------------------------------------------------ helpers
 

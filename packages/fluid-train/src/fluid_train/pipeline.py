@@ -245,7 +245,9 @@ class FluidPipeline:
     def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:
             return None
-        return torch.Generator(device=self.device).manual_seed(int(seed))
+        # torch_xla has no device generators: on XLA a CPU generator seeds the device RNG.
+        device = "cpu" if self.device.type == "xla" else self.device
+        return torch.Generator(device=device).manual_seed(int(seed))
 
     @torch.no_grad()
     def generate_tokens(
