@@ -35,8 +35,11 @@ SCRIPT = textwrap.dedent(
         return 0 if data is None else data[0]
 
     device = torch_xla.device()
-    # 8x8 tokens; 4 diffusion steps keep the host loop short (graphs do not depend on it).
-    grid = {"backbone.num_tokens": 64, "grid": (8, 8), "diffloss.sample_steps": 4}
+    # 8x8 tokens; 6 diffusion steps in graphs of 4 (a steady chunk and a remainder) keep the
+    # host loop short while exercising every kind of diffusion graph.
+    import fluid_train.generation_xla as generation_xla
+    generation_xla.DIFFUSION_STEPS_PER_GRAPH = 4
+    grid = {"backbone.num_tokens": 64, "grid": (8, 8), "diffloss.sample_steps": 6}
     batch = 32
     hidden, mask = make_text(batch, seed=3)
     report = {"seconds": {}}

@@ -28,6 +28,7 @@ seeded from it, so a seed gives the same tokens on every run and the same distri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
     from .model import FluidModel, GenerationConfig
 
 
+# Diffusion steps traced into one graph: fewer dispatches (a step of a small head is shorter
+# than a graph launch), still a fixed set of graphs (first chunk, steady chunk, remainder).
+DIFFUSION_STEPS_PER_GRAPH = 10
+
+
 def is_xla(device: torch.device) -> bool:
     return device.type == "xla"
 
@@ -48,6 +54,19 @@ def _sync() -> None:
     import torch_xla
 
     torch_xla.sync()
+
+
+def _every(n: int) -> Callable[[], None]:
+    """A step marker that syncs at every n-th call."""
+    calls = 0
+
+    def marker() -> None:
+        nonlocal calls
+        calls += 1
+        if calls % n == 0:
+            _sync()
+
+    return marker
 
 
 def _seed_device(generator: torch.Generator | None, device: torch.device) -> None:
@@ -98,7 +117,9 @@ def _head_sample(model: FluidModel, z: Tensor, *, guided: bool, scale: Tensor,
     if model.config.tokens == "discrete":
         kwargs["top_k"] = options.top_k
     else:
-        kwargs["step_marker"] = _sync  # one graph per diffusion step, not an unrolled loop
+        # A graph per DIFFUSION_STEPS_PER_GRAPH diffusion steps, never the whole loop; the
+        # remainder joins the graph that follows the head.
+        kwargs["step_marker"] = _every(DIFFUSION_STEPS_PER_GRAPH)
     if with_logprob:
         sample = model.head.sample_with_logprob(z, **kwargs)
         return TokenSample(ids=sample.ids[:m], logprob=sample.logprob[:m])
