@@ -123,10 +123,16 @@ def head_speed(config: Any, args: argparse.Namespace, device: torch.device) -> l
     """DiffLoss ``sample``: fast path vs the per-row reference, seconds per call, interleaved."""
     width = args.head_width or config.width
     torch.manual_seed(0)
-    head = DiffLossHead(
-        config.token_dim, width, depth=config.diffloss.depth,
-        sample_steps=config.diffloss.sample_steps,
-    ).to(device).eval()  # fmt: skip
+    head = (
+        DiffLossHead(
+            config.token_dim,
+            width,
+            depth=config.diffloss.depth,
+            sample_steps=config.diffloss.sample_steps,
+        )
+        .to(device)
+        .eval()
+    )
     with torch.no_grad():  # random weights: the adaLN layers start at zero (an identity MLP)
         for param in head.net.parameters():
             param.normal_(0.0, 0.02)
@@ -145,7 +151,9 @@ def head_speed(config: Any, args: argparse.Namespace, device: torch.device) -> l
                 sync()
                 if repeat:  # the best of the repeats: a shared machine only ever adds time
                     seconds[path] = min(seconds[path], time.perf_counter() - start)
-        rows_out.append({"rows": rows, **seconds, "speedup": seconds["reference"] / seconds["fast"]})
+        rows_out.append(
+            {"rows": rows, **seconds, "speedup": seconds["reference"] / seconds["fast"]}
+        )
     return rows_out
 
 
@@ -165,9 +173,7 @@ def xla_generation(model: FluidModel, text: tuple, args: argparse.Namespace) -> 
     for name in ("first", "second"):
         before, start = compiles(), time.perf_counter()
         generator = torch.Generator().manual_seed(1)
-        model.generate(
-            hidden, mask, num_steps=args.steps, cfg=args.cfg, generator=generator
-        ).cpu()
+        model.generate(hidden, mask, num_steps=args.steps, cfg=args.cfg, generator=generator).cpu()
         out[name] = {"compiles": compiles() - before, "seconds": time.perf_counter() - start}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -192,8 +198,13 @@ def table2(args: argparse.Namespace, device: torch.device) -> list[dict]:
             with torch.no_grad():
                 model.generate(hidden, mask, cfg=args.cfg).cpu()
             seconds.append(time.perf_counter() - start)
-        rows.append({"preset": name, "s_per_image": seconds[-1] / args.batch,
-                     "table2_tpu_v5_s_per_image": size.tpu_v5_sec_per_image})  # fmt: skip
+        rows.append(
+            {
+                "preset": name,
+                "s_per_image": seconds[-1] / args.batch,
+                "table2_tpu_v5_s_per_image": size.tpu_v5_sec_per_image,
+            }
+        )
         del model
     return rows
 
@@ -227,9 +238,7 @@ def main() -> None:
     parser.add_argument(
         "--capture", action="store_true", help="CUDA: capture the diffusion step (CUDA graphs)"
     )
-    parser.add_argument(
-        "--xla", action="store_true", help="also generate on the torch_xla device"
-    )
+    parser.add_argument("--xla", action="store_true", help="also generate on the torch_xla device")
     parser.add_argument(
         "--table2", action="store_true", help="on a device: s/image of the paper presets"
     )

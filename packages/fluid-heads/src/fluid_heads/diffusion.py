@@ -408,6 +408,7 @@ class GaussianDiffusion(nn.Module):
                 step_marker()
         return x
 
+
 def create_diffusion(
     train_steps: int = 1000, sample_steps: int | str | None = None
 ) -> GaussianDiffusion:

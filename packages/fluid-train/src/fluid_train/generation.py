@@ -163,8 +163,10 @@ def generate(
         if is_xla(text_hidden.device):  # fixed-shape loops, a few graphs (generation_xla.py)
             if cache != "on":
                 raise ValueError("cache='off' is an eager measurement mode; on XLA use 'on'")
-            run = generation_xla.generate_random_order if config.order == "random" else (
-                generation_xla.generate_raster
+            run = (
+                generation_xla.generate_random_order
+                if config.order == "random"
+                else (generation_xla.generate_raster)
             )
             return run(model, text_hidden, text_mask, options, generator, progress=progress)
         if config.order == "random":

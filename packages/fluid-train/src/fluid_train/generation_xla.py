@@ -6,8 +6,8 @@ graph. The eager loops of :mod:`fluid_train.generation` would record a whole gen
 step. Here the loops stay on the host and every graph has fixed shapes:
 
 - ``torch_xla.sync()`` after the text work, after each trunk pass (an AR-step boundary) and
-  after each diffusion step of the DiffLoss head (``DiffLossHead.sample(step_marker=...)``), so
-  a graph is one trunk pass, one diffusion step or one reveal, never a chain of them;
+  after every ``DIFFUSION_STEPS_PER_GRAPH`` diffusion steps of the DiffLoss head
+  (``DiffLossHead.sample(step_marker=...)``), so no graph spans more than one AR step;
 - the step's counts (masked before/after, the guidance scale, MaskGIT's annealed temperature)
   are device tensors uploaded per step, not Python numbers baked into a graph, and the diffusion
   step index is counted down on the device;
@@ -19,9 +19,9 @@ step. Here the loops stay on the host and every graph has fixed shapes:
 - raster writes token i with ``index_copy`` at a device position into preallocated buffers (the
   trunk's KV cache already works that way).
 
-So the graphs are: the text (aligner + K/V), the trunk pass, the head's first/steady/last
-diffusion step and the reveal — about a dozen for any K (tests/test_xla_generation.py counts
-them). The device RNG differs from PyTorch's: the random order is drawn on the host with the
+So the graphs are: the text (aligner + K/V), the trunk pass, the head's first and steady
+chunks of diffusion steps, and the remainder with the reveal — 2 to 6 for any K and any batch
+content (tests/test_xla_generation.py counts them). The device RNG differs from PyTorch's: the random order is drawn on the host with the
 caller's generator (the same order as eager with that CPU generator), and the device RNG is
 seeded from it, so a seed gives the same tokens on every run and the same distribution as eager.
 """
@@ -41,8 +41,9 @@ if TYPE_CHECKING:
     from .model import FluidModel, GenerationConfig
 
 
-# Diffusion steps traced into one graph: fewer dispatches (a step of a small head is shorter
-# than a graph launch), still a fixed set of graphs (first chunk, steady chunk, remainder).
+# Diffusion steps traced into one graph: 10x fewer graph launches, still a fixed set of graphs
+# (first chunk, steady chunk, remainder). On the CPU PJRT device the debug preset's time did
+# not change (it is bound by tracing the ops, not by launches); on a TPU launches cost more.
 DIFFUSION_STEPS_PER_GRAPH = 10
 
 
@@ -98,12 +99,20 @@ def _scalars(values: list[float], device: torch.device) -> Tensor:
 
 
 def _steps(total: int, progress: bool) -> Any:
-    return tqdm(range(total), total=total, desc="generate", unit="step", leave=False,
-                disable=not progress)  # fmt: skip
+    return tqdm(
+        range(total), total=total, desc="generate", unit="step", leave=False, disable=not progress
+    )
 
 
-def _head_sample(model: FluidModel, z: Tensor, *, guided: bool, scale: Tensor,
-                 options: GenerationConfig, with_logprob: bool = False) -> Any:  # fmt: skip
+def _head_sample(
+    model: FluidModel,
+    z: Tensor,
+    *,
+    guided: bool,
+    scale: Tensor,
+    options: GenerationConfig,
+    with_logprob: bool = False,
+) -> Any:
     """Head sampling of M rows (z [2M, D] = [cond; uncond] when guided) -> M tokens.
 
     ``scale`` is a 0-d device tensor: the heads take a tensor scale as the guided path without
@@ -126,9 +135,15 @@ def _head_sample(model: FluidModel, z: Tensor, *, guided: bool, scale: Tensor,
     return model.head.sample(z, **kwargs)[:m]  # [M] or [M, C]
 
 
-def generate_random_order(model: FluidModel, text_hidden: Tensor, text_mask: Tensor,
-                          options: GenerationConfig, generator: torch.Generator | None, *,
-                          progress: bool) -> Tensor:  # fmt: skip
+def generate_random_order(
+    model: FluidModel,
+    text_hidden: Tensor,
+    text_mask: Tensor,
+    options: GenerationConfig,
+    generator: torch.Generator | None,
+    *,
+    progress: bool,
+) -> Tensor:
     from .generation import _placeholder, _prepare_text, _stack
 
     _check_generator(generator)
@@ -153,25 +168,43 @@ def generate_random_order(model: FluidModel, text_hidden: Tensor, text_mask: Ten
         masked, masked_after = before[step], schedule[step]
         counts = torch.tensor([masked, masked_after], dtype=torch.long, device=device)  # [2]
         anneal = options.choice_temperature * (1.0 - (step + 1) / options.num_steps)
-        values = _scalars([cfg_scale(options.cfg, options.cfg_schedule, num_tokens=n,
-                                     masked_after=masked_after), anneal], device)  # fmt: skip
+        values = _scalars(
+            [
+                cfg_scale(
+                    options.cfg, options.cfg_schedule, num_tokens=n, masked_after=masked_after
+                ),
+                anneal,
+            ],
+            device,
+        )
         scale = values[0]  # the guidance scale; values[1]: MaskGIT's annealed temperature
         x = _stack(model.head.embed(tokens), guided)  # [B', N, D]
         h = model.trunk(x, _stack(mask, guided), text_kv=text_kv)  # [B', N, D]
         _sync()
         if options.order_policy == "confidence":
-            tokens, mask = _confidence_step(model, h, tokens, mask, counts, values[1], options,
-                                            guided, scale)  # fmt: skip
+            tokens, mask = _confidence_step(
+                model, h, tokens, mask, counts, values[1], options, guided, scale
+            )
         else:
-            tokens, mask = _reveal_step(model, h, tokens, rank, order, slots, counts, options,
-                                        guided, scale)  # fmt: skip
+            tokens, mask = _reveal_step(
+                model, h, tokens, rank, order, slots, counts, options, guided, scale
+            )
         _sync()
     return tokens
 
 
-def _reveal_step(model: FluidModel, h: Tensor, tokens: Tensor, rank: Tensor, order: Tensor,
-                 slots: Tensor, counts: Tensor, options: GenerationConfig, guided: bool,
-                 scale: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _reveal_step(
+    model: FluidModel,
+    h: Tensor,
+    tokens: Tensor,
+    rank: Tensor,
+    order: Tensor,
+    slots: Tensor,
+    counts: Tensor,
+    options: GenerationConfig,
+    guided: bool,
+    scale: Tensor,
+) -> tuple[Tensor, Tensor]:
     """Reveal the ranks [masked_after, masked) of each image's order through k_max head rows."""
     from .generation import _stack
 
@@ -182,8 +215,9 @@ def _reveal_step(model: FluidModel, h: Tensor, tokens: Tensor, rank: Tensor, ord
     valid = slot_rank < masked  # [k_max]
     positions = order.gather(1, slot_rank.clamp(max=n - 1).expand(bsz, k_max))  # [B, k_max]
     rows = h.gather(1, _stack(positions, guided)[..., None].expand(-1, -1, h.shape[-1]))
-    sampled = _head_sample(model, rows.flatten(0, 1), guided=guided, scale=scale,
-                           options=options)  # fmt: skip  # [B*k_max] or [B*k_max, C]
+    sampled = _head_sample(
+        model, rows.flatten(0, 1), guided=guided, scale=scale, options=options
+    )  # [B*k_max] or [B*k_max, C]
     sampled = sampled.reshape(bsz, k_max, *tokens.shape[2:]).to(tokens.dtype)
     # Padding slots write into slot N, dropped after the scatter: no duplicate real index.
     target = torch.where(valid, positions, torch.full_like(positions, n))  # [B, k_max]
@@ -193,15 +227,24 @@ def _reveal_step(model: FluidModel, h: Tensor, tokens: Tensor, rank: Tensor, ord
     return tokens, rank < masked_after  # mask after the step: [B, N]
 
 
-def _confidence_step(model: FluidModel, h: Tensor, tokens: Tensor, mask: Tensor, counts: Tensor,
-                     anneal: Tensor, options: GenerationConfig, guided: bool,
-                     scale: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _confidence_step(
+    model: FluidModel,
+    h: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    counts: Tensor,
+    anneal: Tensor,
+    options: GenerationConfig,
+    guided: bool,
+    scale: Tensor,
+) -> tuple[Tensor, Tensor]:
     """MaskGIT over all N positions: the masked_after least confident masked ones stay masked."""
     from .masking import gumbel_noise
 
     bsz, n = mask.shape
-    sample = _head_sample(model, h.flatten(0, 1), guided=guided, scale=scale, options=options,
-                          with_logprob=True)  # fmt: skip  # ids, logprob [B*N]
+    sample = _head_sample(
+        model, h.flatten(0, 1), guided=guided, scale=scale, options=options, with_logprob=True
+    )  # ids, logprob [B*N]
     noise = gumbel_noise((bsz, n), device=tokens.device, generator=None)  # [B, N]
     confidence = sample.logprob.view(bsz, n) + anneal * noise  # [B, N]
     # Revealed positions rank after every masked one, so they are never chosen to stay masked.
@@ -213,9 +256,15 @@ def _confidence_step(model: FluidModel, h: Tensor, tokens: Tensor, mask: Tensor,
     return tokens, still
 
 
-def generate_raster(model: FluidModel, text_hidden: Tensor, text_mask: Tensor,
-                    options: GenerationConfig, generator: torch.Generator | None, *,
-                    progress: bool) -> Tensor:  # fmt: skip
+def generate_raster(
+    model: FluidModel,
+    text_hidden: Tensor,
+    text_mask: Tensor,
+    options: GenerationConfig,
+    generator: torch.Generator | None,
+    *,
+    progress: bool,
+) -> Tensor:
     from .generation import _placeholder, _prepare_text, _stack
 
     _check_generator(generator)
@@ -233,8 +282,10 @@ def generate_raster(model: FluidModel, text_hidden: Tensor, text_mask: Tensor,
     for i in _steps(n, progress):
         h = model.trunk.step(x_prev, kv_cache)[:, 0]  # [B', D]
         _sync()
-        scale = _scalars([cfg_scale(options.cfg, options.cfg_schedule, num_tokens=n,
-                                    masked_after=n - i - 1)], device)[0]  # fmt: skip
+        scale = _scalars(
+            [cfg_scale(options.cfg, options.cfg_schedule, num_tokens=n, masked_after=n - i - 1)],
+            device,
+        )[0]
         token = _head_sample(model, h, guided=guided, scale=scale, options=options)
         token = token.to(tokens.dtype)  # [B] or [B, C]
         tokens = tokens.index_copy(1, position, token[:, None])
