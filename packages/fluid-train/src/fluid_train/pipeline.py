@@ -160,6 +160,8 @@ class FluidPipeline:
         return self.model.trunk.pos_embed.device
 
     def to(self, device: torch.device | str) -> FluidPipeline:
+        if torch.device(device).type == "xla":
+            import torch_xla  # noqa: F401  (registers the "xla" device with torch)
         for part in (self.tokenizer, self.text_encoder, self.model):
             part.to(device)
         return self
