@@ -12,7 +12,19 @@ prompt, outside the sampling loop, and is not timed — and times:
   batch; for raster also the self-attention KV cache), split into text (aligner + text K/V),
   trunk, head and decoding;
 - the same sampling with ``cache="off"`` (everything recomputed at every step), in the same run,
-  giving the speed-up the caches buy.
+  giving the speed-up the caches buy;
+- the DiffLoss head alone (continuous variants): ``sample`` on the fast path (time embedding
+  once per diffusion step, condition projection once per call) against the per-row reference
+  path of the same math (``path="reference"``, MAR's evaluation), interleaved, at the row
+  counts of ``--head-rows`` (CFG stacks twice as many) and the width of ``--head-width``;
+- ``--xla``: the same generation on the torch_xla device (the CPU PJRT device here): graphs
+  compiled by the first and by the second batch, the second batch's s/image against eager's,
+  and the process's peak RSS;
+- ``--table2`` (on a device): s/image of every paper preset next to Table 2's TPU v5 figure.
+
+    python benchmarks/bench_generate.py --preset debug --steps 64 --xla
+    python benchmarks/bench_generate.py --preset debug --head-width 768 --head-rows 16,128,512
+    python benchmarks/bench_generate.py --preset fluid-166m --device cuda --capture --table2
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,7 +40,8 @@ from typing import Any
 
 import torch
 
-from fluid_train import FluidModel, get_preset, sample_flops
+from fluid_heads import DiffLossHead
+from fluid_train import PAPER_SIZES, FluidModel, get_preset, sample_flops
 
 
 class Timers:
@@ -105,6 +119,96 @@ def run_once(model, tokenizer, text, args, cache: str, seed: int, timers: Timers
     return time.perf_counter() - start
 
 
+def head_speed(config: Any, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """DiffLoss ``sample``: fast path vs the per-row reference, seconds per call, interleaved."""
+    width = args.head_width or config.width
+    torch.manual_seed(0)
+    head = (
+        DiffLossHead(
+            config.token_dim,
+            width,
+            depth=config.diffloss.depth,
+            sample_steps=config.diffloss.sample_steps,
+        )
+        .to(device)
+        .eval()
+    )
+    with torch.no_grad():  # random weights: the adaLN layers start at zero (an identity MLP)
+        for param in head.net.parameters():
+            param.normal_(0.0, 0.02)
+    if args.capture:
+        head.capture_sampling()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows_out = []
+    for rows in (int(r) for r in args.head_rows.split(",")):
+        z = torch.randn(2 * rows if args.cfg != 1.0 else rows, width, device=device)
+        seconds = {"fast": float("inf"), "reference": float("inf")}
+        for repeat in range(args.repeats + 1):  # the first round warms up, untimed
+            for path in ("fast", "reference"):
+                sync()
+                start = time.perf_counter()
+                head.sample(z, cfg=args.cfg, path=path)
+                sync()
+                if repeat:  # the best of the repeats: a shared machine only ever adds time
+                    seconds[path] = min(seconds[path], time.perf_counter() - start)
+        rows_out.append(
+            {"rows": rows, **seconds, "speedup": seconds["reference"] / seconds["fast"]}
+        )
+    return rows_out
+
+
+def xla_generation(model: FluidModel, text: tuple, args: argparse.Namespace) -> dict:
+    """The same generation on the torch_xla device: graphs per batch, s/image, peak RSS."""
+    import torch_xla
+    import torch_xla.debug.metrics as met
+
+    def compiles() -> int:
+        data = met.metric_data("CompileTime")
+        return 0 if data is None else int(data[0])
+
+    device = torch_xla.device()
+    model = model.to(device)
+    hidden, mask = text[0].to(device), text[1].to(device)
+    out = {}
+    for name in ("first", "second"):
+        before, start = compiles(), time.perf_counter()
+        generator = torch.Generator().manual_seed(1)
+        model.generate(hidden, mask, num_steps=args.steps, cfg=args.cfg, generator=generator).cpu()
+        out[name] = {"compiles": compiles() - before, "seconds": time.perf_counter() - start}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def table2(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """s/image of each paper preset (random weights, CFG, 64 steps) next to Table 2's."""
+    rows = []
+    for name, size in PAPER_SIZES.items():
+        config = get_preset(name)
+        torch.manual_seed(0)
+        model = FluidModel(config).to(device).eval()
+        hidden = torch.randn(args.batch, config.text_length, config.text_dim, device=device)
+        mask = torch.ones(args.batch, config.text_length, dtype=torch.bool, device=device)
+        if args.capture:
+            model.head.capture_sampling()
+        seconds = []
+        for _ in range(2):  # warm-up, then timed
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.generate(hidden, mask, cfg=args.cfg).cpu()
+            seconds.append(time.perf_counter() - start)
+        rows.append(
+            {
+                "preset": name,
+                "s_per_image": seconds[-1] / args.batch,
+                "table2_tpu_v5_s_per_image": size.tpu_v5_sec_per_image,
+            }
+        )
+        del model
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,6 +229,19 @@ def main() -> None:
         "--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype for the trunk"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--head-rows", default="16,128,512", help="rows per head call for the head timing"
+    )
+    parser.add_argument(
+        "--head-width", type=int, default=None, help="head width (default: the preset's)"
+    )
+    parser.add_argument(
+        "--capture", action="store_true", help="CUDA: capture the diffusion step (CUDA graphs)"
+    )
+    parser.add_argument("--xla", action="store_true", help="also generate on the torch_xla device")
+    parser.add_argument(
+        "--table2", action="store_true", help="on a device: s/image of the paper presets"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -134,6 +251,10 @@ def main() -> None:
     config = get_preset(args.preset, **overrides)
     torch.manual_seed(0)
     model = FluidModel(config).to(device).eval()
+    if args.capture:
+        if device.type != "cuda":
+            raise SystemExit("--capture needs --device cuda (CUDA graphs)")
+        model.head.capture_sampling()
     tokenizer = build_tokenizer(config, device)
     hidden = torch.randn(args.batch, config.text_length, config.text_dim, device=device)
     mask = torch.ones(args.batch, config.text_length, dtype=torch.bool, device=device)
@@ -181,6 +302,17 @@ def main() -> None:
         "sample_gflops_per_image": flops.total,
         "achieved_gflops": flops.total * on["images_per_s"],
     }
+    if config.tokens == "continuous":
+        report["head"] = head_speed(config, args, device)
+    if args.xla:
+        report["xla"] = xla_generation(model, (hidden.cpu(), mask.cpu()), args)
+        report["xla"]["vs_eager"] = (
+            report["xla"]["second"]["seconds"] / args.batch / on["s_per_image"]
+        )
+    if args.table2:
+        if device.type == "cpu":
+            raise SystemExit("--table2 times the paper presets: give --device cuda")
+        report["table2"] = table2(args, device)
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -199,6 +331,26 @@ def main() -> None:
     print(
         f"  model GFLOPs/img  {flops.total:10.3f}   -> {report['achieved_gflops']:.2f} GFLOP/s achieved"
     )
+    for row in report.get("head", []):
+        print(
+            f"  head {row['rows']:>4} rows    fast {row['fast'] * 1e3:8.1f} ms   per-row reference "
+            f"{row['reference'] * 1e3:8.1f} ms   speed-up {row['speedup']:5.2f}x"
+        )
+    if "xla" in report:
+        xla = report["xla"]
+        print(
+            f"  xla graphs        {xla['first']['compiles']} (first batch), "
+            f"{xla['second']['compiles']} (second)   first batch {xla['first']['seconds']:.1f} s"
+        )
+        print(
+            f"  xla s/image       {xla['second']['seconds'] / args.batch:10.4f}   "
+            f"({xla['vs_eager']:.2f}x eager's)   peak RSS {xla['peak_rss_mb']:.0f} MB"
+        )
+    for row in report.get("table2", []):
+        print(
+            f"  {row['preset']:<12} s/image {row['s_per_image']:8.4f}   "
+            f"Table 2 (TPU v5) {row['table2_tpu_v5_s_per_image']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -257,6 +257,27 @@ def test_cfg_of_one_is_unguided_sampling(randomize):
     assert (far[:4] - plain).abs().max().item() > 1e-2
 
 
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_fast_sampling_is_the_per_row_reference_math(randomize, cfg):
+    """The fast path (time embedding once per step, condition projection once per call) draws
+    the same tokens as MAR's per-row evaluation, to float rounding."""
+    head = DiffLossHead(3, 8, width=16, depth=3, sample_steps=20).eval()
+    randomize(head.net, std=0.05)
+    z = torch.randn(12, 8)
+    calls = {"time": [], "cond": []}
+    head.net.time_embed.register_forward_hook(lambda m, a, o: calls["time"].append(o.shape[0]))
+    head.net.cond_embed.register_forward_hook(lambda m, a, o: calls["cond"].append(o.shape[0]))
+    fast = head.sample(z, cfg=cfg, generator=torch.Generator().manual_seed(5))
+    assert calls == {"time": [1] * 20, "cond": [12]}  # one row per step; z projected once
+    calls["time"].clear(), calls["cond"].clear()
+    ref = head.sample(z, cfg=cfg, generator=torch.Generator().manual_seed(5), path="reference")
+    assert calls == {"time": [12] * 20, "cond": [12] * 20}  # every row, every step
+    assert not torch.equal(ref, head.sample(z, cfg=cfg, generator=torch.Generator().manual_seed(6)))
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="path must be"):
+        head.sample(z, path="slow")
+
+
 def test_bf16_head_keeps_the_schedule_in_float32(randomize):
     head = DiffLossHead(3, 8, width=16, sample_steps=10)
     randomize(head.net, std=0.05)

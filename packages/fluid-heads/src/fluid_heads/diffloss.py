@@ -18,6 +18,8 @@ Sizes (W = width, C = token_dim, D = cond_dim):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +30,8 @@ from .diffusion import GaussianDiffusion, create_diffusion
 __all__ = ["DiffLossHead", "DiffLossMLP"]
 
 FREQUENCY_DIM = 256  # sinusoidal timestep features, as DiT/MAR
+
+SamplePath = Literal["fast", "reference"]
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -121,12 +125,29 @@ class DiffLossMLP(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        """The per-row reference: every row embeds its own t and projects its own z."""
         dtype = self.input_proj.weight.dtype
-        h = self.input_proj(x.to(dtype))  # [B, W]
         y = self.time_embed(t) + self.cond_embed(z.to(dtype))  # [B, W]
+        return self.forward_conditioned(x, y)
+
+    def forward_conditioned(self, x: Tensor, y: Tensor) -> Tensor:
+        """(x_t [B, C], y [B, W] = time embedding + condition projection) -> [B, 2C].
+
+        Sampling builds y from a time embedding computed once per diffusion step and a
+        condition projection computed once per call (``DiffLossHead.sample``)."""
+        h = self.input_proj(x.to(self.input_proj.weight.dtype))  # [B, W]
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y)  # [B, 2C]
+
+
+def _guide(out: Tensor, cfg: float | Tensor, channels: int) -> Tensor:
+    """[cond; uncond] outputs [2R, 2C] -> [R, 2C]: ε_u + cfg·(ε_c − ε_u), the cond variance."""
+    out = out.float()
+    rows = out.shape[0] // 2
+    cond, uncond = out[:rows], out[rows:]
+    eps = uncond[:, :channels] + cfg * (cond[:, :channels] - uncond[:, :channels])  # [R, C]
+    return torch.cat([eps, cond[:, channels:]], dim=1)
 
 
 def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
@@ -202,6 +223,7 @@ class DiffLossHead(nn.Module):
         self.sample_diffusion: GaussianDiffusion = create_diffusion(train_steps, str(sample_steps))
         # Running max |target| over the rows that counted in training (0 = nothing seen yet).
         self.register_buffer("target_abs_max", torch.zeros(()))
+        self._captured_step: Callable[..., Tensor] | None = None  # capture_sampling()
         self.reset_parameters()
 
     @classmethod
@@ -296,9 +318,11 @@ class DiffLossHead(nn.Module):
         self,
         z: Tensor,
         temperature: float = 1.0,
-        cfg: float = 1.0,
+        cfg: float | Tensor = 1.0,
         *,
         generator: torch.Generator | None = None,
+        path: SamplePath = "fast",
+        step_marker: Callable[[], None] | None = None,
     ) -> Tensor:
         """Draw one token per condition with ancestral sampling on the respaced schedule.
 
@@ -306,37 +330,121 @@ class DiffLossHead(nn.Module):
         ``z = [z_cond; z_uncond]`` and gets ``[x; x]``: both halves start from and share the
         same noise, ε̂ = ε_u + cfg·(ε_c − ε_u), and the variance comes from the cond half
         (what MAR's kept half uses). ``generator`` must live on z's device.
+
+        ``path="fast"`` (the default) does the work that does not depend on the row once: the
+        condition projection of z once per call (it is the same for all diffusion steps) and
+        the time embedding once per diffusion step (it is the same for every row); the same
+        math as ``path="reference"``, MAR's per-row evaluation, to float rounding.
+        A tensor ``cfg`` (0-d, on z's device) is always the guided path and never read on the
+        host. ``step_marker`` is called after every diffusion step (e.g. ``torch_xla.sync``, so a
+        lazy-tensor device compiles one step graph instead of unrolling the loop).
         """
         if z.ndim != 2 or z.shape[1] != self.cond_dim:
             raise ValueError(f"z must be [M, {self.cond_dim}]; got {list(z.shape)}")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0; got {temperature}")
+        if path not in ("fast", "reference"):
+            raise ValueError(f"path must be 'fast' or 'reference'; got {path!r}")
         bound = self.effective_x0_bound()
         c = self.token_dim
-        if cfg == 1.0:
-            rows = z.shape[0]
-
-            def model(x: Tensor, t: Tensor) -> Tensor:
-                return self.net(x, t, z)  # [M, 2C]
-        else:
-            if z.shape[0] % 2:
-                raise ValueError(
-                    f"with cfg != 1, z must stack [z_cond; z_uncond] (an even number of rows); "
-                    f"got {z.shape[0]}"
-                )
-            rows = z.shape[0] // 2
-
-            def model(x: Tensor, t: Tensor) -> Tensor:
-                out = self.net(torch.cat([x, x]), torch.cat([t, t]), z).float()  # [2R, 2C]
-                cond, uncond = out[:rows], out[rows:]
-                eps = uncond[:, :c] + cfg * (cond[:, :c] - uncond[:, :c])  # [R, C]
-                return torch.cat([eps, cond[:, c:]], dim=1)  # [R, 2C]
-
+        guided = isinstance(cfg, Tensor) or cfg != 1.0
+        if guided and z.shape[0] % 2:
+            raise ValueError(
+                f"with cfg != 1, z must stack [z_cond; z_uncond] (an even number of rows); "
+                f"got {z.shape[0]}"
+            )
+        rows = z.shape[0] // 2 if guided else z.shape[0]
+        net = self.net
         noise = torch.randn((rows, c), generator=generator, device=z.device)  # x_T, not scaled
+        if path == "fast" and isinstance(net, DiffLossMLP):
+            x = self._sample_fast(z, noise, temperature, cfg, guided, bound, generator, step_marker)
+            return torch.cat([x, x]) if guided else x
+
+        def model(x: Tensor, t_model: Tensor) -> Tensor:  # MAR's per-row evaluation
+            if not guided:
+                return net(x, t_model, z)  # [M, 2C]
+            out = net(torch.cat([x, x]), torch.cat([t_model, t_model]), z)
+            return _guide(out, cfg, c)
+
         x = self.sample_diffusion.p_sample_loop(
-            model, noise, temperature=temperature, x0_bound=bound, generator=generator
+            model,
+            noise,
+            temperature=temperature,
+            x0_bound=bound,
+            generator=generator,
+            step_marker=step_marker,
         )  # [R, C]
-        return x if cfg == 1.0 else torch.cat([x, x])
+        return torch.cat([x, x]) if guided else x
+
+    def capture_sampling(self, enabled: bool = True, *, mode: str = "reduce-overhead") -> None:
+        """On CUDA, run each diffusion step of ``sample`` as a compiled, captured graph.
+
+        ``torch.compile(mode="reduce-overhead")`` records the step as a CUDA graph: one launch
+        per step instead of ~40 small kernels, which is what bounds small batches. Only used
+        for z on a CUDA device (CPU and XLA keep the plain loop). Not run in this project's
+        CI, which has no GPU.
+        """
+        self._captured_step = (
+            torch.compile(self._denoise_step, mode=mode, dynamic=False) if enabled else None
+        )
+
+    def _sample_fast(
+        self,
+        z: Tensor,
+        noise: Tensor,
+        temperature: float,
+        cfg: float | Tensor,
+        guided: bool,
+        bound: Tensor | None,
+        generator: torch.Generator | None,
+        step_marker: Callable[[], None] | None,
+    ) -> Tensor:
+        """The ancestral loop with the row-independent work hoisted; same draws as the reference."""
+        net = self.net
+        cond_proj = net.cond_embed(z.to(net.input_proj.weight.dtype))  # [M, W], once per call
+        step = self._denoise_step
+        captured = self._captured_step
+        if captured is not None and z.device.type == "cuda":
+            step = captured
+            if not isinstance(cfg, Tensor):  # data, not a constant: one graph for every scale
+                cfg = torch.tensor(float(cfg), device=z.device)
+        x = noise.float()  # [R, C]
+        k = self.sample_diffusion.num_timesteps
+        t = torch.full((x.shape[0],), k - 1, dtype=torch.int64, device=x.device)  # counted down
+        for _ in range(k):
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if step is captured:
+                torch.compiler.cudagraph_mark_step_begin()
+                x = step(x, t, cond_proj, eps, cfg, temperature, bound, guided).clone()
+            else:
+                x = step(x, t, cond_proj, eps, cfg, temperature, bound, guided)
+            t = t - 1
+            if step_marker is not None:
+                step_marker()
+        return x
+
+    def _denoise_step(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond_proj: Tensor,
+        noise: Tensor,
+        cfg: float | Tensor,
+        temperature: float,
+        bound: Tensor | None,
+        guided: bool,
+    ) -> Tensor:
+        """x_t [R, C] -> x_{t-1}: ``GaussianDiffusion.p_sample`` with the MLP's y built from the
+        call's condition projection [M, W] and one time embedding for all rows."""
+        diffusion, net = self.sample_diffusion, self.net
+        t_model = diffusion.model_timesteps(t)  # [R] original steps, all equal
+        y = cond_proj + net.time_embed(t_model[:1])  # [M, W]: one row embedded, broadcast
+        out = net.forward_conditioned(torch.cat([x, x]) if guided else x, y)  # [M, 2C]
+        if guided:
+            out = _guide(out, cfg, self.token_dim)
+        pred = diffusion.p_mean_variance(out, x, t, x0_bound=bound)
+        nonzero = (t != 0).to(x.dtype).view(-1, 1)  # no noise at t = 0
+        return pred.mean + nonzero * torch.exp(0.5 * pred.log_variance) * noise * temperature
 
     # ------------------------------------------------------------------ helpers
 

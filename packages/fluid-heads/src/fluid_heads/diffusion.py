@@ -389,14 +389,23 @@ class GaussianDiffusion(nn.Module):
         temperature: float = 1.0,
         x0_bound: float | Tensor | None = None,
         generator: torch.Generator | None = None,
+        step_marker: Callable[[], None] | None = None,
     ) -> Tensor:
-        """Ancestral sampling from x_T = ``noise`` (not scaled by the temperature) to x_0."""
+        """Ancestral sampling from x_T = ``noise`` (not scaled by the temperature) to x_0.
+
+        The step index is a tensor counted down on the device (never a Python int baked
+        into the step), so on a lazy-tensor device every step has the same graph;
+        ``step_marker`` (e.g. ``torch_xla.sync``) runs after each step.
+        """
         x = noise.float()
-        for i in reversed(range(self.num_timesteps)):
-            t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
+        t = torch.full((x.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=x.device)
+        for _ in range(self.num_timesteps):
             x = self.p_sample(
                 model, x, t, temperature=temperature, x0_bound=x0_bound, generator=generator
             )
+            t = t - 1
+            if step_marker is not None:
+                step_marker()
         return x
 
 

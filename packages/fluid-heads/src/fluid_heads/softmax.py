@@ -104,7 +104,7 @@ class SoftmaxHead(nn.Module):
         self,
         h: Tensor,
         temperature: float = 1.0,
-        cfg: float = 1.0,
+        cfg: float | Tensor = 1.0,
         *,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
@@ -117,7 +117,7 @@ class SoftmaxHead(nn.Module):
         self,
         h: Tensor,
         temperature: float = 1.0,
-        cfg: float = 1.0,
+        cfg: float | Tensor = 1.0,
         *,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
@@ -126,6 +126,8 @@ class SoftmaxHead(nn.Module):
 
         For ``cfg != 1`` the caller stacks ``h = [h_cond; h_uncond]`` and gets ``[ids; ids]``:
         the guided logits are ``l_u + cfg·(l_c − l_u)``. ``temperature = 0`` is greedy.
+        A tensor ``cfg`` (0-d, on h's device) is always the guided path and is never read on
+        the host, so a lazy-tensor device sees the scale as data, never as a constant.
         Sampling is Gumbel-max (fixed shapes on any device); ``generator`` must live on h's
         device.
         """
@@ -138,7 +140,8 @@ class SoftmaxHead(nn.Module):
                 f"top_k must be None or an int in [1, {self.vocab_size}]; got {top_k!r}"
             )
         logits = self.logits(h).float()  # [M, V]
-        if cfg != 1.0:
+        guided = isinstance(cfg, Tensor) or cfg != 1.0
+        if guided:
             if h.shape[0] % 2:
                 raise ValueError(
                     f"with cfg != 1, h must stack [h_cond; h_uncond] (an even number of rows); "
@@ -158,6 +161,6 @@ class SoftmaxHead(nn.Module):
             scores = scores / temperature + gumbel
         ids = scores.argmax(dim=-1)  # [R]
         logprob = logprobs.gather(1, ids[:, None]).squeeze(1)  # [R]
-        if cfg != 1.0:
+        if guided:
             ids, logprob = torch.cat([ids, ids]), torch.cat([logprob, logprob])
         return TokenSample(ids=ids, logprob=logprob)

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from fluid_heads import TokenSample
 from fluid_text import TextStates
 
+from . import generation_xla
+from .generation_xla import is_xla
 from .masking import cfg_scale, gumbel_noise, random_order, reveal_schedule
 
 if TYPE_CHECKING:
@@ -158,6 +160,15 @@ def generate(
     was_training = model.training
     model.eval()
     try:
+        if is_xla(text_hidden.device):  # fixed-shape loops, a few graphs (generation_xla.py)
+            if cache != "on":
+                raise ValueError("cache='off' is an eager measurement mode; on XLA use 'on'")
+            run = (
+                generation_xla.generate_random_order
+                if config.order == "random"
+                else (generation_xla.generate_raster)
+            )
+            return run(model, text_hidden, text_mask, options, generator, progress=progress)
         if config.order == "random":
             return _generate_random_order(
                 model, text_hidden, text_mask, options, generator, cache=cache, progress=progress

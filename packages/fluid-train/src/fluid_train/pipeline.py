@@ -143,6 +143,8 @@ class FluidPipeline:
         return self.model.trunk.pos_embed.device
 
     def to(self, device: torch.device | str) -> FluidPipeline:
+        if torch.device(device).type == "xla":
+            import torch_xla  # noqa: F401  (registers the "xla" device with torch)
         for part in (self.tokenizer, self.text_encoder, self.model):
             part.to(device)
         return self
@@ -228,7 +230,9 @@ class FluidPipeline:
     def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:
             return None
-        return torch.Generator(device=self.device).manual_seed(int(seed))
+        # torch_xla has no device generators: on XLA a CPU generator seeds the device RNG.
+        device = "cpu" if self.device.type == "xla" else self.device
+        return torch.Generator(device=device).manual_seed(int(seed))
 
     @torch.no_grad()
     def generate_tokens(
