@@ -234,7 +234,9 @@ class Model:
     def generate(self, hidden, mask, generator=None, **options):
         seen["hidden"] = torch_xla._XLAC._get_xla_sharding_spec(hidden)
         seen["options"] = options
-        noise = torch.rand(hidden.shape[0], device=hidden.device)  # the device RNG, [R]
+        # XLA draws from a CPU generator (generation_xla); the sampler seeds it per chunk
+        assert generator is not None and generator.device.type == "cpu"
+        noise = torch.rand(hidden.shape[0], generator=generator).to(hidden.device)  # [R]
         return hidden[:, 0, 0] + noise  # [R]: the prompt's code + noise
 
 class Pipeline:

@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
     # host loop short while exercising every kind of diffusion graph.
     import fluid_train.generation_xla as generation_xla
     generation_xla.DIFFUSION_STEPS_PER_GRAPH = 4
-    grid = {"backbone.num_tokens": 64, "grid": (8, 8), "diffloss.sample_steps": 6}
+    grid = {"backbone.grid": (8, 8), "diffloss.sample_steps": 6}
     batch = 32
     hidden, mask = make_text(batch, seed=3)
     report = {"seconds": {}}

@@ -351,8 +351,9 @@ class SpmdSampler:
     the last one included, has the same shape, so the graphs compiled for the first are reused —
     and sharded on the batch dimension; the images come back as uint8, gathered on every host.
 
-    XLA has no ``torch.Generator``: the chunk seed seeds the device RNG
-    (``xm.set_rng_state``) and generation draws from it.
+    XLA has no device ``torch.Generator``: the chunk's CPU generator draws the random order on
+    the host and seeds the device RNG (``fluid_train.generation_xla``), so a chunk's images
+    depend on its seed only.
     """
 
     spmd = True
@@ -365,7 +366,7 @@ class SpmdSampler:
         self.num_devices = int(np.prod(list(dict(mesh.shape()).values())))
 
     def __call__(self, prompts: list[str], seed: int) -> np.ndarray:
-        import torch_xla.core.xla_model as xm
+        import torch
 
         from .parallelize import replicate, shard_batch
 
@@ -376,8 +377,8 @@ class SpmdSampler:
         hidden, mask = text.hidden.to(device), text.mask.to(device)  # [R, L, D_t], [R, L]
         shard_batch(hidden, self.mesh)
         shard_batch(mask, self.mesh)
-        xm.set_rng_state(seed % 2**63, device=device)
-        tokens = self.pipeline.model.generate(hidden, mask, generator=None, **self.options)
+        generator = torch.Generator().manual_seed(seed)  # CPU: see the class docstring
+        tokens = self.pipeline.model.generate(hidden, mask, generator=generator, **self.options)
         pixels = to_uint8(self.pipeline.decode(tokens))  # [R, H, W, 3] uint8, sharded on R
         replicate(pixels, self.mesh)
         return pixels.cpu().numpy()[: len(prompts)]
