@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import fsync_dir, fsync_tree, write_text_atomic
+
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
@@ -135,28 +137,6 @@ def _format_bytes(n: int) -> str:
 
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or file creation inside ``path`` durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(dirpath))
 
 
 # ---------------------------------------------------------------------- verification
@@ -409,13 +389,7 @@ class CheckpointManager:
         self._prune(keep_name=final.name)
 
     def _point_latest(self, name: str) -> None:
-        tmp = self.root / f"{TMP_PREFIX}{LATEST}"
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / LATEST)
-        fsync_dir(self.root)
+        write_text_atomic(self.root / LATEST, name + "\n")
 
     def _prune(self, *, keep_name: str) -> None:
         complete = self.list()

@@ -42,7 +42,6 @@ import signal
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -50,6 +49,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch import Tensor
+
+from .atomic import atomic_file
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -697,22 +698,9 @@ class TrainLoader:
 def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
     """Write ``samples`` (``{"__key__": ..., ext: bytes | str}``) as one webdataset tar,
     atomically (temp file, fsync, rename); returns the number written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    with wds.TarWriter(str(tmp)) as writer:
+    with atomic_file(path) as f, wds.TarWriter(f) as writer:
         for sample in samples:
             writer.write(sample)
             count += 1
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return count
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Small helper shared with preprocess: write JSON via a temp file + rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import write_json_atomic, write_text_atomic
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
@@ -81,9 +83,7 @@ def coco_fid(
         )
     out.mkdir(parents=True, exist_ok=True)
     if processes.is_writer:
-        tmp = out / ".pairs.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(asdict(p)) + "\n" for p in pairs))
-        os.replace(tmp, out / "pairs.jsonl")
+        write_text_atomic(out / "pairs.jsonl", "".join(json.dumps(asdict(p)) + "\n" for p in pairs))
     prompts = [pair.caption for pair in pairs]
     layout = PromptFiles(out / "samples", prompts, images_per_prompt=1)
     record = settings_record(prompts, model=model, seed=seed, images_per_prompt=1,
@@ -126,9 +126,7 @@ def coco_fid(
         "wall_s": round(now - start, 3),
         "skipped": list(result.skipped),
     }
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "report.json")
+    write_json_atomic(out / "report.json", report)
     return report
 
 

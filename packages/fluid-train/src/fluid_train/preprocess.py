@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .atomic import write_json_atomic
 from .data import (
     SKIP_REASONS,
     SkipSample,
@@ -53,7 +54,6 @@ from .data import (
     describe_skips,
     expand_shards,
     iter_raw_samples,
-    write_json_atomic,
     write_shard,
 )
 

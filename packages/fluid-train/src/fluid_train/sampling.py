@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .atomic import atomic_file, move_into_place
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image
 
@@ -202,9 +204,8 @@ class Layout(Protocol):
 
 def _save_png(image: Image.Image, path: Path) -> None:
     """Write a PNG that appears complete or not at all (hidden temp name, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
 
 
 class PromptFiles:
@@ -233,14 +234,12 @@ class PromptFiles:
         ]
 
     def finish(self, *, seed: int | None = None) -> None:
-        tmp = self.out / ".index.jsonl.tmp"
-        with open(tmp, "w") as fp:
+        with atomic_file(self.out / "index.jsonl", "w") as fp:
             for i, prompt in enumerate(self.prompts):
                 for k in range(self.images_per_prompt):
                     record = {"file": self.path(i, k).name, "prompt": prompt, "prompt_index": i,
                               "sample": k, "seed": seed}  # fmt: skip
                     fp.write(json.dumps(record) + "\n")
-        os.replace(tmp, self.out / "index.jsonl")
         shown = self.files()[:MAX_SHEET_IMAGES]
         captions = [self.prompts[i] for i in range(len(self.prompts))
                     for _ in range(self.images_per_prompt)][:MAX_SHEET_IMAGES]  # fmt: skip
@@ -284,7 +283,7 @@ class GenEvalFolders:
         if stale.exists():  # left by an interrupted run
             shutil.rmtree(stale)
         folder = write_sample_folder(self.staging, prompt, self.entries[prompt], list(images))
-        os.rename(folder, self.out / name)
+        move_into_place(folder, self.out / name)
 
     def finish(self, *, seed: int | None = None) -> None:
         if self.staging.is_dir() and not any(self.staging.iterdir()):
@@ -313,9 +312,8 @@ def _write_sheet(
     if not images:
         return
     sheet = contact_sheet(images, shown, columns=columns)
-    tmp = path.with_name(f".{path.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        sheet.save(f, format="PNG")
 
 
 # ---------------------------------------------------------------------- samplers
@@ -446,7 +444,7 @@ def _check_manifest(out: Path, record: dict[str, Any], *, writer: bool) -> None:
             )
         return
     if writer:
-        from .data import write_json_atomic
+        from .atomic import write_json_atomic
 
         write_json_atomic(path, record)
 

@@ -24,8 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -37,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .atomic import atomic_directory
 from .backends import Backend, CheckpointState, build_backend
 from .checkpoint import CheckpointError, CheckpointManager, WriteError, verify
 from .data import HostBatch, TrainLoader
@@ -696,22 +695,11 @@ class Trainer:
             logger.info(
                 "no --tokenizer/--text-encoder: exporting the EMA model alone to %s", target
             )
-        tmp = self.run_dir / f".tmp-{target.name}"
-        old = self.run_dir / f".old-{target.name}"
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            part.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            with atomic_directory(target) as tmp:
+                part.save_pretrained(tmp)
         except OSError as error:  # ENOSPC, EIO, ...: the previous export (if any) stays
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not target.exists():
-                os.replace(old, target)
+            tmp = target.with_name(f".tmp-{target.name}")
             kept = f"the checkpoint {self.last_checkpoint} is intact"
             if target.exists():
                 kept += f" and so is the previous {target}"

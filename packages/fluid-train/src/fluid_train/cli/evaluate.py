@@ -113,7 +113,8 @@ def _loss(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fluid_train.data import detect_kind, expand_shards, write_json_atomic
+    from fluid_train.atomic import write_json_atomic
+    from fluid_train.data import detect_kind, expand_shards
     from fluid_train.evaluation import shard_validation_loss
     from fluid_train.model import FluidModel
     from fluid_train.pipeline import FluidPipeline, find_pipeline

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import move_into_place
+
 __all__ = ["CACHE_FORMAT", "CacheEntry", "Log", "StageCache", "Stages"]
 
 CACHE_FORMAT = 1  # bump when a stage's output layout changes: old entries are then ignored
@@ -96,5 +98,5 @@ class StageCache:
         build.mkdir(parents=True)
         yield CacheEntry(final, build)
         (build / "done.json").write_text(json.dumps({"kind": kind, **settings}, default=str) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(build, final)
+        shutil.rmtree(final, ignore_errors=True)  # a partial entry without done.json
+        move_into_place(build, final)
