@@ -91,7 +91,7 @@ def test_sample_flops_match_a_flop_counter(variant, tiny_model, tiny_text):
     mask[:] = True
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.generate(hidden, mask, cfg=3.0)
-    expected = sample_flops(model.config, cfg=True).total * 1e9
+    expected = sample_flops(model.config, cfg=True, batch_size=2).total * 1e9
     assert expected == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
 
 

@@ -84,6 +84,13 @@ SKIP_REASONS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class ShardEnd:
+    """In a stream of raw samples: every sample of shard ``url`` has been yielded."""
+
+    url: str
+
+
 class SkipSample(Exception):
     """A sample that cannot be used; ``reason`` is a key of ``SKIP_REASONS``."""
 
@@ -373,6 +380,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.memory_bytes = memory_bytes
         self._memory: dict[str, tuple[list[dict[str, Any]], Counter[str]]] = {}
         self._memory_used = 0
+        # (url, key) -> the decoded sample (or its SkipSample) of a shard kept in memory
+        self._decoded: dict[tuple[str, str], Any] = {}
 
     def __iter__(self) -> Iterator[HostBatch]:
         info = torch.utils.data.get_worker_info()
@@ -388,7 +397,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         yield from self._batches(stream, self.states.get(stream, StreamState()))
 
     # A stream: one epoch of its shards through the seeded shuffle buffer. Yields raw samples
-    # and, once every sample of a shard has left the buffer, an end-of-shard marker.
+    # and, once every sample of a shard has left the buffer, that shard's ShardEnd.
     def _shuffled(self, stream: int, epoch: int, read_errors: dict[str, Counter[str]]):
         order = list(self.urls)
         random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
@@ -403,7 +412,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             url = sample["__url__"]
             pending[url] -= 1
             if pending[url] == 0 and url in done:
-                yield {"__end_of_shard__": url}
+                yield ShardEnd(url)
 
         for url in mine:
             errors = read_errors.setdefault(url, Counter())
@@ -419,7 +428,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     yield from emit(sample)
             done.add(url)
             if pending[url] == 0:
-                yield {"__end_of_shard__": url}
+                yield ShardEnd(url)
         rng.shuffle(buffer)
         for sample in buffer:
             yield from emit(sample)
@@ -455,8 +464,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             resumed_at = state.offset
             position = valid = 0
             for raw in self._shuffled(stream, state.epoch, read_errors):
-                if "__end_of_shard__" in raw:
-                    url = raw["__end_of_shard__"]
+                if isinstance(raw, ShardEnd):
+                    url = raw.url
                     if read_errors.get(url):
                         self._count(state, url, read_errors.pop(url))
                     if any(state.skips.get(url, {}).values()):
@@ -497,18 +506,19 @@ class ShardDataset(torch.utils.data.IterableDataset):
             per_shard[reason] = per_shard.get(reason, 0) + n
 
     def _decode_kept(self, raw: dict[str, Any]) -> Any:
-        """``_decode``, remembered in the sample itself when its shard is kept in memory."""
-        if "__decoded__" in raw:
-            result = raw["__decoded__"]
+        """``_decode``, remembered (``self._decoded``) when the sample's shard is kept in memory."""
+        sample = (raw["__url__"], raw["__key__"])
+        if sample in self._decoded:
+            result = self._decoded[sample]
         else:
             try:
                 result = self._decode(raw)
             except SkipSample as skip:
                 result = skip
             if raw["__url__"] in self._memory:
-                key, url = raw["__key__"], raw["__url__"]
-                raw.clear()  # the bytes are not needed again
-                raw.update({"__key__": key, "__url__": url, "__decoded__": result})
+                self._decoded[sample] = result
+                for name in [k for k in raw if not k.startswith("__")]:
+                    del raw[name]  # the bytes are not needed again
         if isinstance(result, SkipSample):
             raise result
         return result

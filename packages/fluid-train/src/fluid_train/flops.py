@@ -83,19 +83,24 @@ def trunk_token_flops(config: FluidConfig, *, queries: int, keys: int) -> float:
     return b.depth * per_block
 
 
-def diffloss_row_flops(config: FluidConfig) -> float:
-    """FLOPs of one pass of the DiffLoss MLP over one token row."""
+def _diffloss_parts(config: FluidConfig) -> tuple[float, float, float]:
+    """FLOPs of the DiffLoss MLP's parts for one row: (denoising pass without the condition
+    and time embeddings, condition projection of z, timestep embedding MLP)."""
     c, d = config.token_dim, config.width
     w = config.diffloss.width or d
-    return (
+    denoise = (
         _mm(1, c, w)  # input projection of x_t
-        + _mm(1, d, w)  # condition projection of z
-        + _mm(1, TIME_EMBED_DIM, w)
-        + _mm(1, w, w)  # timestep MLP
         + config.diffloss.depth * (_mm(1, w, 3 * w) + 2 * _mm(1, w, w))  # adaLN + 2 linears
         + _mm(1, w, 2 * w)  # final adaLN
         + _mm(1, w, 2 * c)  # mean + variance
     )
+    return denoise, _mm(1, d, w), _mm(1, TIME_EMBED_DIM, w) + _mm(1, w, w)
+
+
+def diffloss_row_flops(config: FluidConfig) -> float:
+    """FLOPs of one training pass of the DiffLoss MLP over one token row (every row has its
+    own t, so its own time embedding)."""
+    return sum(_diffloss_parts(config))
 
 
 def _embed_flops(config: FluidConfig, rows: float) -> float:
@@ -123,9 +128,12 @@ def sample_flops(
     *,
     num_steps: int | None = None,
     cfg: bool = True,
+    batch_size: int = 1,
     order_policy: str | None = None,
 ) -> FlopsBreakdown:
-    """GFLOPs per image of sampling (default: the config's steps, CFG on)."""
+    """GFLOPs per image of sampling (default: the config's steps, CFG on) in batches of
+    ``batch_size`` images: the DiffLoss sampler embeds each diffusion step's t once per call,
+    shared by the batch, and projects each row's z once per call, not once per step."""
     n = config.num_tokens
     rows = 2 if cfg else 1  # CFG runs [cond; uncond]
     steps = num_steps or config.generation.num_steps
@@ -138,7 +146,11 @@ def sample_flops(
         embed = _embed_flops(config, n)
     trunk += rows * text_kv_flops(config)
     if config.tokens == "continuous":
-        head = embed + n * rows * config.diffloss.sample_steps * diffloss_row_flops(config)
+        denoise, condition, time_embed = _diffloss_parts(config)
+        calls = steps if config.order == "random" else n  # head calls per batch
+        per_call = config.diffloss.sample_steps * time_embed / batch_size
+        head = embed + n * rows * (config.diffloss.sample_steps * denoise + condition)
+        head += calls * per_call
     else:
         logit_rows = n
         if config.order == "random" and policy == "confidence":
