@@ -19,6 +19,7 @@ from fluid_eval import ShapesDetector
 from fluid_eval.shapes import LayoutConfig
 from fluid_tokenizers import SDVAETokenizer
 from fluid_train.cli import main
+from fluid_train.config import GenerationConfig
 from fluid_train.experiments import (
     DemoSettings,
     Stages,
@@ -41,7 +42,7 @@ TINY = DemoSettings(
     warmup_steps=2,
     num_prompts=6,
     samples_per_prompt=2,
-    gen_steps=4,
+    generation=GenerationConfig(num_steps=4, cfg=4.0, temperature=1.2),
     gen_batch_size=12,
 )
 

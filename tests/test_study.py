@@ -9,6 +9,7 @@ import math
 import pytest
 
 from fluid_train.cli import main
+from fluid_train.config import GenerationConfig
 from fluid_train.experiments import (
     DemoSettings,
     SizeSpec,
@@ -39,7 +40,8 @@ TINY = StudySettings(
     variants=("raster-discrete", "random-continuous"),
     steps=4,
     train=DemoSettings(
-        batch_size=8, warmup_steps=2, num_prompts=6, samples_per_prompt=1, gen_steps=4
+        batch_size=8, warmup_steps=2, num_prompts=6, samples_per_prompt=1,
+        generation=GenerationConfig(num_steps=4, cfg=3.0, temperature=1.0),
     ),
     val_batch_size=8,
 )
@@ -127,7 +129,7 @@ def test_defaults_are_the_readme_tables_settings():
     assert settings.world.image_size == 64 and settings.world.vae_steps == 300
     assert settings.world.num_images == 8000 and settings.train.batch_size == 32
     assert settings.world.layout == "free"  # objects placed freely, not one per token cell
-    assert (settings.train.cfg, settings.train.temperature) == (3.0, 1.0)
+    assert (settings.train.generation.cfg, settings.train.generation.temperature) == (3.0, 1.0)
     for size in settings.sizes:
         config = settings.run_settings(size).model_config(tokens="continuous", order="random")
         assert config.grid == (8, 8) and config.image_size == 64

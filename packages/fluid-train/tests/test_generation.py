@@ -231,3 +231,29 @@ def test_generation_rejects_bad_options(tiny_model, tiny_text):
         continuous.generate(hidden, mask, cfg=0.5)
     with pytest.raises(ValueError, match="cache must be"):
         continuous.generate(hidden, mask, cache="maybe")
+
+
+def test_one_options_object_reaches_every_layer(tiny_model, tiny_text, tiny_pipeline):
+    """A GenerationConfig passed down gives what its fields given by keyword give; the model's
+    own config.generation is the default; unknown names are refused, named."""
+    from fluid_train.config import GenerationConfig
+    from fluid_train.generation import resolve_options
+
+    model = tiny_model("continuous", "random")
+    hidden, mask = tiny_text(2)
+    options = GenerationConfig(num_steps=2, cfg=1.5, temperature=0.7)
+    by_object = model.generate(hidden, mask, options, generator=torch.Generator().manual_seed(3))
+    by_keywords = model.generate(
+        hidden, mask, num_steps=2, cfg=1.5, temperature=0.7,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    assert torch.equal(by_object, by_keywords)
+    assert resolve_options(model) is model.config.generation
+    assert resolve_options(model, options, cfg=2.0).cfg == 2.0 and options.cfg == 1.5
+    with pytest.raises(TypeError, match="unknown generation option.*'cfg_scale'"):
+        resolve_options(model, cfg_scale=2.0)
+    pipe = tiny_pipeline("continuous", "random")
+    images = pipe(["a red circle"], options, seed=0)
+    again = pipe(["a red circle"], seed=0, num_steps=2, cfg=1.5, temperature=0.7)
+    assert images[0].tobytes() == again[0].tobytes()
+    assert pipe.sampler(options, seed=0).options == options

@@ -37,10 +37,24 @@ if TYPE_CHECKING:
 CacheMode = Literal["on", "off"]
 
 
-def resolve_options(model: FluidModel, **overrides: Any) -> GenerationConfig:
-    """The model's generation defaults with the non-None ``overrides`` applied (validated)."""
+def resolve_options(
+    model: FluidModel, options: GenerationConfig | None = None, **overrides: Any
+) -> GenerationConfig:
+    """``options`` (default: the model's ``config.generation``) with the non-None ``overrides``
+    applied: the one options object every layer passes on (validated; unknown names raise)."""
+    from .config import GenerationConfig
+
+    base = model.config.generation if options is None else options
+    if not isinstance(base, GenerationConfig):
+        raise TypeError(f"options must be a GenerationConfig; got {type(base).__name__}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(model.config.generation, **given)
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(GenerationConfig)})
+    if unknown:
+        raise TypeError(
+            f"unknown generation option(s) {unknown}; expected GenerationConfig fields "
+            f"{[f.name for f in dataclasses.fields(GenerationConfig)]}"
+        )
+    return dataclasses.replace(base, **given) if given else base
 
 
 def _steps(iterable: Iterable[int], *, total: int, progress: bool, desc: str) -> Iterable[int]:
@@ -119,37 +133,24 @@ def generate(
     model: FluidModel,
     text_hidden: Tensor,
     text_mask: Tensor,
+    options: GenerationConfig | None = None,
     *,
-    num_steps: int | None = None,
-    cfg: float | None = None,
-    cfg_schedule: str | None = None,
-    temperature: float | None = None,
-    order_policy: str | None = None,
-    choice_temperature: float | None = None,
-    top_k: int | None = None,
     generator: torch.Generator | None = None,
     cache: CacheMode = "on",
     progress: bool = False,
+    **overrides: Any,
 ) -> Tensor:
     """Sample image tokens for a batch of captions' T5 states.
 
     text_hidden [B, L, D_t], text_mask [B, L] bool -> tokens [B, N] int64 or [B, N, C] float.
-    Options left None take ``model.config.generation``'s values. ``generator`` (on the model's
-    device) makes the result reproducible; ``progress`` shows a bar over the steps.
+    ``options`` (a ``GenerationConfig``; default the model's ``config.generation``) with any
+    of its fields overridden by keyword (``num_steps=16, cfg=4.0``). ``generator`` (on the
+    model's device; a CPU one on XLA) makes the result reproducible; ``progress`` shows a bar.
     """
     _check_text(model, text_hidden, text_mask)
     if cache not in ("on", "off"):
         raise ValueError(f"cache must be 'on' or 'off'; got {cache!r}")
-    options = resolve_options(
-        model,
-        num_steps=num_steps,
-        cfg=cfg,
-        cfg_schedule=cfg_schedule,
-        temperature=temperature,
-        order_policy=order_policy,
-        choice_temperature=choice_temperature,
-        top_k=top_k,
-    )
+    options = resolve_options(model, options, **overrides)
     config = model.config
     if options.order_policy == "confidence" and config.variant != "random-discrete":
         raise ValueError(

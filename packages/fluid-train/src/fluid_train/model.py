@@ -194,11 +194,17 @@ class FluidModel(nn.Module):
 
     # ---- generation ---------------------------------------------------------------------------
 
-    def generate(self, text_hidden: Tensor, text_mask: Tensor, **options: Any) -> Tensor:
+    def generate(
+        self,
+        text_hidden: Tensor,
+        text_mask: Tensor,
+        options: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
         """Sample image tokens for T5 states [B, L, D_t]; see :func:`fluid_train.generation.generate`."""
         from .generation import generate
 
-        return generate(self, text_hidden, text_mask, **options)
+        return generate(self, text_hidden, text_mask, options, **kwargs)
 
     # ---- sizes ----------------------------------------------------------------------------------
 

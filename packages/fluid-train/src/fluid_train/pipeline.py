@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from fluid_tokenizers import SDVAETokenizer, VQTokenizer
 
 from .__about__ import __version__
+from .config import GenerationConfig
+from .generation import resolve_options
 from .model import FluidModel
 from .prompts import prompts_named
 
@@ -238,19 +240,22 @@ class FluidPipeline:
     def generate_tokens(
         self,
         prompts: Sequence[str],
+        options: GenerationConfig | None = None,
         *,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         progress: bool = False,
-        **options: Any,
+        cache: str = "on",
+        **overrides: Any,
     ) -> Tensor:
         """Image tokens [P, N] or [P, N, C] for P prompts, ``batch_size`` prompts at a time.
 
-        ``options`` are the sampling options of :func:`fluid_train.generation.generate`
-        (num_steps, cfg, cfg_schedule, temperature, order_policy, choice_temperature, top_k,
-        cache). ``seed`` seeds one generator used for all batches in order.
+        ``options`` and ``overrides`` as :func:`fluid_train.generation.generate` (a
+        ``GenerationConfig``, its fields by keyword). ``seed`` seeds one generator used for
+        all batches in order.
         """
+        options = resolve_options(self.model, options, **overrides)
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of str; got a single str")
         prompts = list(prompts)
@@ -268,9 +273,10 @@ class FluidPipeline:
                 tokens = self.model.generate(
                     text.hidden.to(self.device),
                     text.mask.to(self.device),
+                    options,
                     generator=generator,
                     progress=progress,
-                    **options,
+                    cache=cache,
                 )
                 out.append(tokens)
         return torch.cat(out, dim=0)
@@ -283,45 +289,39 @@ class FluidPipeline:
             [self.tokenizer.decode(tokens[i : i + step]) for i in range(0, len(tokens), step)]
         )
 
-    def generate_tensors(self, prompts: Sequence[str], **kwargs: Any) -> Tensor:
-        """Images [P, 3, H, W] in [-1, 1]; keyword arguments as :meth:`generate_tokens`."""
-        tokens = self.generate_tokens(prompts, **kwargs)
+    def generate_tensors(
+        self, prompts: Sequence[str], options: GenerationConfig | None = None, **kwargs: Any
+    ) -> Tensor:
+        """Images [P, 3, H, W] in [-1, 1]; arguments as :meth:`generate_tokens`."""
+        tokens = self.generate_tokens(prompts, options, **kwargs)
         return self.decode(tokens, batch_size=kwargs.get("batch_size"))
 
     def __call__(
-        self,
-        prompts: Sequence[str],
-        *,
-        num_steps: int | None = None,
-        cfg: float | None = None,
-        cfg_schedule: str | None = None,
-        temperature: float | None = None,
-        seed: int | None = None,
-        batch_size: int | None = None,
-        progress: bool = False,
-        **options: Any,
+        self, prompts: Sequence[str], options: GenerationConfig | None = None, **kwargs: Any
     ) -> list[Image.Image]:
-        """Generate one PIL image per prompt (sampling defaults from the model's config)."""
-        images = self.generate_tensors(
-            prompts,
-            num_steps=num_steps,
-            cfg=cfg,
-            cfg_schedule=cfg_schedule,
-            temperature=temperature,
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
-            **options,
-        )
-        return to_pil(images)
+        """One PIL image per prompt; ``options`` (a ``GenerationConfig``, default the model's)
+        and keywords as :meth:`generate_tokens` (``seed=0, num_steps=32, cfg=4.0``)."""
+        return to_pil(self.generate_tensors(prompts, options, **kwargs))
 
     def generate(self, prompts: Sequence[str]) -> list[Image.Image]:
         """fluid_eval's Generator protocol: images for ``prompts`` with the default options."""
         return self(prompts)
 
-    def sampler(self, *, seed: int | None = None, **options: Any) -> PipelineSampler:
+    def sampler(
+        self,
+        options: GenerationConfig | None = None,
+        *,
+        seed: int | None = None,
+        progress: bool = False,
+        **overrides: Any,
+    ) -> PipelineSampler:
         """A fluid_eval Generator with fixed options; ``seed`` seeds one generator for all calls."""
-        return PipelineSampler(pipeline=self, generator=self._generator(seed), options=options)
+        return PipelineSampler(
+            pipeline=self,
+            generator=self._generator(seed),
+            options=resolve_options(self.model, options, **overrides),
+            progress=progress,
+        )
 
 
 @dataclass(slots=True)
@@ -331,7 +331,10 @@ class PipelineSampler:
 
     pipeline: FluidPipeline
     generator: torch.Generator | None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: GenerationConfig
+    progress: bool = False
 
     def generate(self, prompts: Sequence[str]) -> list[Image.Image]:
-        return self.pipeline(prompts, generator=self.generator, **self.options)
+        return self.pipeline(
+            prompts, self.options, generator=self.generator, progress=self.progress
+        )

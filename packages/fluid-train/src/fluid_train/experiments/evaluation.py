@@ -102,12 +102,8 @@ def evaluate_pipeline(
     metadata = load_metadata(metadata_file)
 
     pipeline = FluidPipeline.from_pretrained(pipeline_dir)
-    raster = pipeline.model.config.order == "raster"
-    with stages.stage("generate", f"{n} prompts x {k} images, cfg {settings.cfg}"):
-        options = {"cfg": settings.cfg, "temperature": settings.temperature}
-        if not raster:
-            options["num_steps"] = settings.gen_steps
-        sampler = pipeline.sampler(seed=seed, **options)
+    with stages.stage("generate", f"{n} prompts x {k} images, cfg {settings.generation.cfg}"):
+        sampler = pipeline.sampler(settings.generation, seed=seed)  # raster ignores num_steps
         generated = out / "generated"
         shutil.rmtree(generated, ignore_errors=True)
         with stages.bar(n, "generate", "prompt") as bar:

@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..config import GenerationConfig
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fluid_eval.shapes import LayoutConfig
 
-    from ..model import FluidConfig
+    from ..config import FluidConfig
 
 __all__ = [
     "BUDGETS",
@@ -117,11 +119,12 @@ class DemoSettings:
     ema_decay: float | None = None
     num_prompts: int = 96  # balanced over the six GenEval families
     samples_per_prompt: int = 4
-    gen_steps: int = 16  # random-order generation steps: one token per step on the 4x4 grid
-    # Measured on the default model (192 images, +-0.035): temperature 1.2 with CFG 4 scored
-    # 0.62, the paper's 1.0 with CFG 3 0.58, 1.5 0.56 (a short run under-disperses its head).
-    cfg: float = 4.0
-    temperature: float = 1.2
+    # Sampling: 16 random-order steps, one token per step on the 4x4 grid. Measured on the
+    # default model (192 images, +-0.035): temperature 1.2 with CFG 4 scored 0.62, the paper's
+    # 1.0 with CFG 3 0.58, 1.5 0.56 (a short run under-disperses its head).
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(num_steps=16, cfg=4.0, temperature=1.2)
+    )
     gen_batch_size: int = 64
 
     def model_overrides(self, **extra: Any) -> dict[str, Any]:
@@ -233,8 +236,8 @@ class StudySettings:
         # (what the README's study table was measured with), unlike the demo's model.
         default_factory=lambda: DemoSettings(
             batch_size=32,  # the study table's batch, pinned like its world
-            cfg=3.0,  # and its sampling: MAR's temperature 1 with CFG 3
-            temperature=1.0,
+            # and its sampling: MAR's temperature 1 with CFG 3
+            generation=GenerationConfig(num_steps=16, cfg=3.0, temperature=1.0),
             num_prompts=48,
             samples_per_prompt=2,
             model={
