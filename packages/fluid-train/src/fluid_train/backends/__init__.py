@@ -192,6 +192,13 @@ def _torchrun_world() -> int:
         return 1
 
 
+def native_autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """Autocast for PyTorch's own devices (eager, fsdp): bf16 on accelerators under ``auto``."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    return torch.bfloat16
+
+
 def resolve_backend(name: str) -> str:
     """``auto`` -> ``xla`` on a TPU host with torch_xla installed, ``fsdp`` under torchrun with
     more than one rank, else ``eager``."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_torch, save_torch
 from ..parallelize import activation_checkpoint_eager
-from . import Backend, CheckpointState, Encode
+from . import Backend, CheckpointState, Encode, native_autocast_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..data import HostBatch, TrainLoader
@@ -50,9 +50,7 @@ class EagerBackend(Backend):
         return self.device.type
 
     def autocast_dtype(self, precision: str) -> torch.dtype | None:
-        if precision == "fp32" or (precision == "auto" and self.device.type == "cpu"):
-            return None
-        return torch.bfloat16
+        return native_autocast_dtype(self.device, precision)
 
     def prepare_model(self, model: nn.Module, config: TrainConfig) -> nn.Module:
         if config.parallel.activation_checkpointing == "block":

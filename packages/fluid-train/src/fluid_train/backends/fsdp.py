@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..checkpoint import load_torch, save_torch
 from ..parallelize import build_fsdp_mesh, parallelize_fsdp
 from ..recipe import clean_name
-from . import Backend, CheckpointState, Encode
+from . import Backend, CheckpointState, Encode, native_autocast_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..data import HostBatch, TrainLoader
@@ -127,9 +127,7 @@ class FsdpBackend(Backend):
         return self.device.type
 
     def autocast_dtype(self, precision: str) -> torch.dtype | None:
-        if precision == "fp32" or (precision == "auto" and self.device.type == "cpu"):
-            return None
-        return torch.bfloat16
+        return native_autocast_dtype(self.device, precision)
 
     # -------------------------------------------------------------- the model
 
