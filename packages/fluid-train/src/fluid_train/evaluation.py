@@ -26,8 +26,8 @@ from .atomic import write_json_atomic, write_text_atomic
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
+    from .encoders import FrozenEncoders
     from .model import FluidModel, TrainBatch
-    from .preprocess import FrozenEncoders
     from .sampling import Processes, Runner
 
 __all__ = ["ShardLoss", "coco_fid", "held_out_batches", "shard_validation_loss"]

@@ -202,7 +202,7 @@ class Trainer:
         The tokenizer is loaded (it is small); T5 only when image shards need it — for encoded
         shards just its width is checked now and it is loaded for the export at the end.
         """
-        from .preprocess import (
+        from .encoders import (
             FrozenEncoders,
             load_text_encoder,
             load_tokenizer,
@@ -673,12 +673,12 @@ class Trainer:
         model = FluidModel(self.model_config)
         model.load_state_dict(weights)
         if self.tokenizer is not None and self.config.text_encoder:
+            from .encoders import load_text_encoder
             from .pipeline import FluidPipeline
-            from .preprocess import load_text_encoder
 
             if self.encoders is not None and self.encoders.cast is not None:
                 # Cast for the device (bf16): export the weights as saved instead.
-                from .preprocess import load_tokenizer
+                from .encoders import load_tokenizer
 
                 self.tokenizer = load_tokenizer(self.config.tokenizer)
                 self.text_encoder = None

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..data import HostBatch, TrainLoader
     from ..ema import EMA
-    from ..preprocess import FrozenEncoders
+    from ..encoders import FrozenEncoders
     from ..recipe import TrainConfig
 
 __all__ = ["Backend", "CheckpointState", "resolve_backend", "build_backend", "xla_available"]

@@ -36,7 +36,7 @@ from . import Backend, CheckpointState, Encode
 if TYPE_CHECKING:  # pragma: no cover
     from ..data import HostBatch, TrainLoader
     from ..ema import EMA
-    from ..preprocess import FrozenEncoders
+    from ..encoders import FrozenEncoders
     from ..recipe import TrainConfig
 
 __all__ = ["XlaBackend"]
@@ -166,8 +166,8 @@ class XlaBackend(Backend):
     def place_encoders(self, encoders: FrozenEncoders) -> FrozenEncoders:
         import torch_xla.core.xla_model as xm
 
+        from ..encoders import encoders_fit
         from ..parallelize import shard_frozen_xla
-        from ..preprocess import encoders_fit
 
         dtype = self.autocast_dtype(self._precision)  # bf16 on TPUs, fp32 on the CPU device
         if dtype is not None:
@@ -183,7 +183,7 @@ class XlaBackend(Backend):
         return encoders
 
     def encode_batch(self, encoders: FrozenEncoders, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        from ..preprocess import compile_xla_encode
+        from ..encoders import compile_xla_encode
 
         # A graph of its own, outside the step: one compile, and the step graph is the same
         # as for encoded shards (inputs split by rows).

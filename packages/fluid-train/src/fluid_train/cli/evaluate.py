@@ -128,7 +128,7 @@ def _loss(args: argparse.Namespace) -> int:
     shards = expand_shards(args.data)
     encoders = None
     if detect_kind(shards) == "images":
-        from fluid_train.preprocess import FrozenEncoders
+        from fluid_train.encoders import FrozenEncoders
 
         pipeline = FluidPipeline.from_pretrained(args.model, device=device)
         model = pipeline.model
