@@ -24,8 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from .data import HostBatch, TrainLoader
 from .ema import EMA
 from .model import FluidConfig, FluidModel, TrainBatch
 from .recipe import TrainConfig, build_optimizer, learning_rate, prime_optimizer
+from .stopping import StopControl
 
 __all__ = ["NonFiniteLossError", "StepOutput", "TrainResult", "Trainer", "train"]
 
@@ -49,11 +48,6 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Multi-process runs decide collectively whether to stop (SIGTERM/SIGINT on any process) every
-# this many steps: one 4-byte all-reduce on the hosts' CPU group, no device sync. One process
-# checks its own flag after every step.
-STOP_CHECK_EVERY = 10
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,10 +168,9 @@ class Trainer:
         self._window_start = (0, time.perf_counter())
         self.last_loss: float | None = None
         self._checkpoint_step: int | None = None
-        self._stop_signal: int | None = None  # set by the SIGTERM/SIGINT handler during fit()
+        self.stops = StopControl(self.backend)  # SIGTERM/SIGINT and the time limit
         self.preempted: str | None = None
         self.time_limited = False
-        self.stop_check_every = STOP_CHECK_EVERY
         self._prepare_run()
 
     # -------------------------------------------------------------- setup
@@ -521,7 +514,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         try:
-            with self._stop_signals():
+            with self.stops.signals():
                 if self.step < config.steps:
                     self._loop()
                 if self._checkpoint_step != self.step:
@@ -541,37 +534,6 @@ class Trainer:
             time_limited=self.time_limited,
         )
 
-    @contextlib.contextmanager
-    def _stop_signals(self):
-        """SIGTERM/SIGINT ask the loop to stop after the current step (a second one interrupts
-        at once); the previous handlers are back when training ends. Signal handlers can only
-        be set from the main thread: elsewhere the defaults stay."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-
-        def request_stop(signum, frame):
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt  # the second signal: no more waiting
-            self._stop_signal = signum
-
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, request_stop)
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-    def _should_stop(self, step: int) -> bool:
-        local = self._stop_signal is not None
-        if self.backend.process_count == 1:
-            return local
-        if step % self.stop_check_every:
-            return False
-        return self.backend.any_process(local)
-
     def _flush_pending(self) -> None:
         """Read the losses of the steps not logged yet (they have run) and log them."""
         if self._pending:
@@ -585,11 +547,7 @@ class Trainer:
         self._flush_pending()
         if self._checkpoint_step != self.step:
             self.save_checkpoint()
-        self.preempted = (
-            signal.Signals(self._stop_signal).name
-            if self._stop_signal is not None
-            else "another process"
-        )
+        self.preempted = self.stops.reason
         logger.warning(
             "stopped by %s after step %d; checkpoint %s (resume with --resume)",
             self.preempted,
@@ -608,20 +566,11 @@ class Trainer:
         logging.getLogger("fluid_train").removeHandler(self._log_handler)
         self._log_handler.close()
 
-    def _out_of_time(self, step: int, deadline: float | None) -> bool:
-        """Past ``config.time_limit_s`` (every process agrees, at the stop-check cadence)."""
-        if deadline is None:
-            return False
-        late = time.perf_counter() >= deadline
-        if self.backend.process_count == 1:
-            return late
-        return step % self.stop_check_every == 0 and self.backend.any_process(late)
-
     def _loop(self) -> None:
         config = self.config
         self.model.train()
         self._window_start = (self.step, time.perf_counter())
-        deadline = None if config.time_limit_s is None else time.perf_counter() + config.time_limit_s
+        self.stops.start_clock(config.time_limit_s)
         micro: list[tuple[HostBatch, dict[str, Tensor]]] = []
         for host_batch, batch in self.backend.device_batches(self.loader, self._encode):
             if self.encoders is not None:
@@ -650,10 +599,10 @@ class Trainer:
                 self.save_checkpoint()
             if self.step >= config.steps:
                 break
-            if self._should_stop(step):
+            if self.stops.preempted(step):
                 self._stop()
                 break
-            if self._out_of_time(step, deadline):
+            if self.stops.out_of_time(step):
                 self.time_limited = True
                 self._flush_pending()
                 logger.info(
