@@ -192,11 +192,29 @@ def _torchrun_world() -> int:
         return 1
 
 
-def native_autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """Autocast for PyTorch's own devices (eager, fsdp): bf16 on accelerators under ``auto``."""
-    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
-        return None
-    return torch.bfloat16
+class TorchDeviceBackend(Backend):
+    """What the backends on PyTorch's own devices share (eager, fsdp): autocast in bf16 on
+    accelerators under ``auto``, and the CUDA generator in the RNG state."""
+
+    @property
+    def autocast_device_type(self) -> str:
+        return self.device.type
+
+    def autocast_dtype(self, precision: str) -> torch.dtype | None:
+        if precision == "fp32" or (precision == "auto" and self.device.type == "cpu"):
+            return None
+        return torch.bfloat16
+
+    def rng_state(self) -> dict[str, Any]:
+        state = super().rng_state()
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        super().set_rng_state(state)
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
 
 def resolve_backend(name: str) -> str:

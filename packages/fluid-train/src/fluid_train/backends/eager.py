@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_torch, save_torch
 from ..parallelize import activation_checkpoint_eager
-from . import Backend, CheckpointState, Encode, native_autocast_dtype
+from . import CheckpointState, Encode, TorchDeviceBackend
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..data import HostBatch, TrainLoader
@@ -28,7 +28,7 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-class EagerBackend(Backend):
+class EagerBackend(TorchDeviceBackend):
     name = "eager"
 
     def __init__(self, config: TrainConfig) -> None:
@@ -44,13 +44,6 @@ class EagerBackend(Backend):
         self.device = device
         # Adam's capturable path keeps step counts on the device; PyTorch supports it on CUDA only.
         self.capturable = device.type == "cuda"
-
-    @property
-    def autocast_device_type(self) -> str:
-        return self.device.type
-
-    def autocast_dtype(self, precision: str) -> torch.dtype | None:
-        return native_autocast_dtype(self.device, precision)
 
     def prepare_model(self, model: nn.Module, config: TrainConfig) -> nn.Module:
         if config.parallel.activation_checkpointing == "block":
@@ -100,16 +93,6 @@ class EagerBackend(Backend):
 
     # -------------------------------------------------------------- RNG
 
-    def rng_state(self) -> dict[str, Any]:
-        state = super().rng_state()
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def set_rng_state(self, state: dict[str, Any]) -> None:
-        super().set_rng_state(state)
-        if self.device.type == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], self.device)
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

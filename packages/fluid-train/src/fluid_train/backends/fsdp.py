@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..checkpoint import load_torch, save_torch
 from ..parallelize import build_fsdp_mesh, parallelize_fsdp
 from ..recipe import clean_name
-from . import Backend, CheckpointState, Encode, native_autocast_dtype
+from . import Backend, CheckpointState, Encode, TorchDeviceBackend
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..data import HostBatch, TrainLoader
@@ -72,7 +72,7 @@ def torchrun_env() -> dict[str, int]:
     }
 
 
-class FsdpBackend(Backend):
+class FsdpBackend(TorchDeviceBackend):
     name = "fsdp"
 
     def __init__(self, config: TrainConfig) -> None:
@@ -121,13 +121,6 @@ class FsdpBackend(Backend):
             tuple(self.mesh.shape),
             "bf16 params / fp32 reduce" if bf16 else "fp32",
         )
-
-    @property
-    def autocast_device_type(self) -> str:
-        return self.device.type
-
-    def autocast_dtype(self, precision: str) -> torch.dtype | None:
-        return native_autocast_dtype(self.device, precision)
 
     # -------------------------------------------------------------- the model
 
@@ -231,16 +224,6 @@ class FsdpBackend(Backend):
 
     # -------------------------------------------------------------- RNG
 
-    def rng_state(self) -> dict[str, Any]:
-        state = super().rng_state()
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def set_rng_state(self, state: dict[str, Any]) -> None:
-        super().set_rng_state(state)
-        if self.device.type == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def seed(self, seed: int) -> None:
         # Each rank its own stream of training noise (masks, diffusion noise, caption drop);
