@@ -7,8 +7,8 @@ Layout of ``RUN/checkpoints/``::
     latest                the name of the newest complete checkpoint (a one-line file)
 
 Writing (``CheckpointManager.save``): everything goes into ``.tmp-step_...``; the writer then
-records every file of that tree (its relative path, size and SHA-256, streamed with
-``hashlib.file_digest``) in ``meta.json``; files and the directory are fsynced; ``os.replace``
+records every file of that tree (its relative path, size and SHA-256, streamed in
+chunks) in ``meta.json``; files and the directory are fsynced; ``os.replace``
 renames it to ``step_...``; then ``latest`` is rewritten through its own temp file + fsync +
 ``os.replace``. A crash at any point leaves ``latest`` naming the previous complete checkpoint (a
 leftover ``.tmp-*`` is removed by the next save). An ``OSError`` while writing (ENOSPC, EIO, ...)
@@ -143,9 +143,13 @@ def step_dirname(step: int) -> str:
 
 
 def file_checksum(path: Path) -> str:
-    """SHA-256 of a file, streamed (hashlib reads it in fixed-size chunks)."""
+    """SHA-256 of a file, streamed in 1 MiB chunks (``hashlib.file_digest`` is Python 3.11+;
+    the packages support 3.10)."""
+    digest = hashlib.new(CHECKSUM)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, CHECKSUM).hexdigest()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _files(root: Path) -> list[str]:
