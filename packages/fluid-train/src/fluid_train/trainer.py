@@ -40,13 +40,13 @@ from .data import HostBatch, TrainLoader
 from .ema import EMA
 from .model import FluidConfig, FluidModel, TrainBatch
 from .recipe import TrainConfig, build_optimizer, learning_rate, prime_optimizer
+from .runlog import METRICS_FILE, RunLog  # noqa: F401 - METRICS_FILE re-exported
 from .stopping import StopControl
 
 __all__ = ["NonFiniteLossError", "StepOutput", "TrainResult", "Trainer", "train"]
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
 
 
@@ -103,8 +103,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._log_handler = self._attach_log_file()
-        self._tensorboard = None
+        self.runlog = RunLog(self.run_dir)
         self._bar = None
         try:
             self._setup(model_config)
@@ -175,15 +174,6 @@ class Trainer:
 
     # -------------------------------------------------------------- setup
 
-    def _attach_log_file(self) -> logging.Handler:
-        handler = logging.FileHandler(self.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger("fluid_train")
-        root.addHandler(handler)
-        if root.level == logging.NOTSET or root.level > logging.INFO:
-            root.setLevel(logging.INFO)
-        return handler
-
     @staticmethod
     def _expected_shapes(mc: FluidConfig) -> dict[str, tuple[int, ...]]:
         tokens = (mc.num_tokens,) if mc.tokens == "discrete" else (mc.num_tokens, mc.token_dim)
@@ -250,27 +240,7 @@ class Trainer:
             logger.info("--resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
         if self.backend.is_writer:
             config_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-            self._truncate_metrics()
-        self._tensorboard = self._open_tensorboard()
-
-    def _open_tensorboard(self):
-        if not self.backend.is_writer:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard not installed: metrics.jsonl only
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
-
-    def _truncate_metrics(self) -> None:
-        """Drop metrics lines past the resumed step (logged after the last checkpoint)."""
-        path = self.run_dir / METRICS_FILE
-        if not path.is_file():
-            return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
-        if len(kept) != len(lines):
-            path.write_text("".join(line + "\n" for line in kept))
+        self.runlog.start(self.step, writer=self.backend.is_writer)
 
     # -------------------------------------------------------------- checkpoints
 
@@ -486,15 +456,7 @@ class Trainer:
         compiles = self.backend.compiles()
         if compiles is not None:
             record["compiles"] = compiles
-        if self.backend.is_writer:
-            with open(self.run_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self._tensorboard is not None:
-                for key in ("loss", "lr", "grad_norm", "images_per_s", "tokens_per_s"):
-                    self._tensorboard.add_scalar(f"train/{key}", record[key], self.step)
-                self._tensorboard.add_scalar(
-                    "data/skipped", sum(record["skipped"].values()), self.step
-                )
+        self.runlog.write(record)
         if self._bar is not None:
             self._bar.set_postfix(
                 loss=f"{self.last_loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.1f}"
@@ -526,7 +488,7 @@ class Trainer:
             run_dir=self.run_dir,
             step=self.step,
             loss=self.last_loss,
-            metrics=self.run_dir / METRICS_FILE,
+            metrics=self.runlog.metrics,
             checkpoint=self.last_checkpoint,
             pipeline=pipeline,
             skipped=self.loader.skip_totals(),
@@ -560,11 +522,7 @@ class Trainer:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
-        logging.getLogger("fluid_train").removeHandler(self._log_handler)
-        self._log_handler.close()
+        self.runlog.close()
 
     def _loop(self) -> None:
         config = self.config
