@@ -11,10 +11,7 @@ fields, so a flag, its type, its default and its help live here once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,10 +22,7 @@ from fluid_backbone.config import TransformerConfig
 from fluid_heads.config import DiffLossConfig
 from fluid_text.config import AlignerConfig
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .config_io import config_from_dict, load_config_file, merge, with_overrides
 
 __all__ = [
     "CONFIG_FORMAT",
@@ -421,132 +415,3 @@ class TrainConfig:
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a ``.json`` or ``.toml`` file; ``overrides`` (nested dicts merge) win."""
         return cls.from_dict(merge(load_config_file(path), overrides))
-
-
-# ---------------------------------------------------------------------------------- values
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The values of a ``.json`` or ``.toml`` config file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    if path.suffix == ".toml":
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    if path.suffix == ".json":
-        values = json.loads(path.read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a JSON object; got {type(values)}")
-        return values
-    raise ValueError(f"config file {path} must end in .json or .toml")
-
-
-def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: ``overrides`` win; nested dicts merge key by key."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def with_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` with ``overrides`` merged in; a key ``"a.b"`` sets ``values["a"]["b"]``."""
-    nested: dict[str, Any] = {}
-    for key, value in overrides.items():
-        *parents, name = key.split(".")
-        node = nested
-        for parent in parents:
-            node = node.setdefault(parent, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {key!r}: {parent!r} is set to a value, not a table")
-        node[name] = value
-    return merge(values, nested)
-
-
-def config_from_dict(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
-    """An instance of dataclass ``cls`` from nested plain values (JSON, TOML, flags).
-
-    Nested dataclasses come from tables; lists become tuples where a tuple is expected and ints
-    become floats where a float is. An unknown key, a value of the wrong type or a choice
-    outside a ``Literal`` raises ValueError naming the dotted key and what was expected.
-    """
-    if not isinstance(values, Mapping):
-        raise ValueError(
-            f"{where or 'config'} must be a table of {cls.__name__} fields; got {values!r}"
-        )
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} key(s) {', '.join(where + k for k in unknown)}; "
-            f"expected some of {', '.join(where + k for k in fields)}"
-        )
-    kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as error:  # a required field missing
-        raise ValueError(f"{where.rstrip('.') or cls.__name__}: {error}") from error
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    """``value`` as type ``hint`` (recursing into dataclasses), or a ValueError naming ``key``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or isinstance(hint, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(option, value, key)
-            except ValueError as error:
-                errors.append(str(error))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if hint is FluidConfig and isinstance(value, Mapping):
-            return FluidConfig.from_dict(value)
-        return config_from_dict(hint, value, where=f"{key}.")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{key} must be one of {list(args)}; got {value!r}")
-        return value
-    if origin is list and isinstance(value, str):
-        value = [value]  # one item where a list is expected (a single shard, say)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list; got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(f"{key} must have {len(args)} items; got {value!r}")
-            return tuple(
-                _coerce(a, v, f"{key}[{i}]")
-                for i, (a, v) in enumerate(zip(args, value, strict=True))
-            )
-        inner = args[0] if args else Any
-        items = [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin in (dict, Mapping) or hint is Any:
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number; got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer; got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false; got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string; got {value!r}")
-        return value
-    return value
