@@ -68,3 +68,22 @@ def test_metadata_lines_and_shard_samples_are_named(tmp_path, tiny_pipeline):
     assert len(messages) == 1 and messages[0].startswith("shard 00003.tar sample 30001 ")
     assert "max is 8 (truncated)" in messages[0]
     assert out["text_mask"].shape == (2, 8) and out["text_mask"][1].all()
+    # The encoder names the captions itself: one SentencePiece pass per batch (a training step
+    # on image shards), not a second one for the warnings.
+    calls = []
+    tokenizer = pipe.text_encoder.tokenizer
+
+    class Counting:
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return tokenizer(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    pipe.text_encoder.tokenizer = Counting()
+    try:
+        encoders.host_inputs(images, ["red", LONG], names)
+    finally:
+        pipe.text_encoder.tokenizer = tokenizer
+    assert len(calls) == 1

@@ -208,21 +208,34 @@ class T5TextEncoder(nn.Module):
     # -- tokenization and encoding
 
     def tokenize(
-        self, prompts: Sequence[str], *, pad_to: int | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        pad_to: int | None = None,
+        names: Sequence[str] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Prompts -> ``(ids [B, L] int64, mask [B, L] bool)`` on the CPU.
 
         Each prompt gets T5's EOS appended and is cut to ``max_length`` tokens (EOS included)
-        with a ``PromptTruncatedWarning`` naming it. ``pad_to=None`` pads to the longest prompt;
-        ``pad_to=L`` gives exactly L columns (fixed shapes), cutting longer prompts to L.
+        with a ``PromptTruncatedWarning`` naming it: ``prompt i`` of this call, or ``names[i]``
+        (the caller's name for it, e.g. ``shard 00012.tar sample 000120003``). ``pad_to=None``
+        pads to the longest prompt; ``pad_to=L`` gives exactly L columns (fixed shapes),
+        cutting longer prompts to L.
         """
-        return self._tokenize(prompts, pad_to, stacklevel=3)
+        return self._tokenize(prompts, pad_to, names=names, stacklevel=3)
 
     def _tokenize(
-        self, prompts: Sequence[str], pad_to: int | None, *, stacklevel: int
+        self,
+        prompts: Sequence[str],
+        pad_to: int | None,
+        *,
+        stacklevel: int,
+        names: Sequence[str] | None = None,
     ) -> tuple[Tensor, Tensor]:
         # stacklevel points the truncation warning at the caller's line, not at this package.
         _check_prompts(prompts)
+        if names is not None and len(names) != len(prompts):
+            raise ValueError(f"{len(names)} names for {len(prompts)} prompts")
         limit = self.max_length
         if pad_to is not None:
             limit = min(limit, _check_positive_int("pad_to", pad_to))
@@ -233,8 +246,14 @@ class T5TextEncoder(nn.Module):
         for index, ids in enumerate(pieces):
             num_tokens = len(ids) + 1  # + EOS
             if num_tokens > limit:
+                if names is None:
+                    name = f"prompt {index}"
+                else:
+                    text = prompts[index]
+                    shown = text if len(text) <= 40 else text[:37] + "..."
+                    name = f"{names[index]} ({shown!r})"
                 warnings.warn(
-                    f"prompt {index} has {num_tokens} tokens; max is {limit} (truncated)",
+                    f"{name} has {num_tokens} tokens; max is {limit} (truncated)",
                     PromptTruncatedWarning,
                     stacklevel=stacklevel,
                 )

@@ -155,12 +155,10 @@ class FrozenEncoders:
     ) -> dict[str, Tensor]:
         """The CPU half: ``images`` as given; captions -> ``text_ids``, ``text_mask`` [B, L].
         ``names`` (e.g. ``shard 00012.tar sample 000120003``) name the captions in warnings."""
-        from .prompts import prompts_named
-
         if images.shape[0] != len(captions):
             raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
-        with prompts_named(self.text_encoder, list(captions), names, limit=self.text_length):
-            ids, mask = self.text_encoder.tokenize(list(captions), pad_to=self.text_length)
+        # The encoder names each cut caption itself: one SentencePiece pass per batch.
+        ids, mask = self.text_encoder.tokenize(list(captions), pad_to=self.text_length, names=names)
         return {"images": images, "text_ids": ids, "text_mask": mask}
 
     @torch.no_grad()
