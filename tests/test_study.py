@@ -39,13 +39,23 @@ TINY = StudySettings(
     ),
     variants=("raster-discrete", "random-continuous"),
     steps=4,
+    milestones=(0.5,),
     train=DemoSettings(
-        batch_size=8, warmup_steps=2, num_prompts=6, samples_per_prompt=1,
+        batch_size=8,
+        warmup_steps=2,
+        num_prompts=6,
+        samples_per_prompt=1,
         generation=GenerationConfig(num_steps=4, cfg=3.0, temperature=1.0),
     ),
+    tune_prompts=6,
+    tune_samples=1,
+    tune_cfg=(1.0, 3.0),
+    tune_temperature=(1.0,),
+    fid_resamples=4,
     val_batch_size=8,
 )
-RUNS = {f"{v}-{s}" for v in TINY.variants for s in ("xs", "s")}
+LABELS = ("raster-discrete", "random-continuous", "random-continuous-noreadout")
+RUNS = {f"{v}-{s}" for v in LABELS for s in ("xs", "s")}
 
 
 @pytest.fixture(scope="module")

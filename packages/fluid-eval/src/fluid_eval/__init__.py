@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         ScalingReport,
         fit_power_law,
         pearson,
+        plot_geneval_families,
         scaling_report,
     )
     from .shapes import (
@@ -121,6 +122,7 @@ _LAZY = {
         "ScalingReport",
         "fit_power_law",
         "pearson",
+        "plot_geneval_families",
         "scaling_report",
     ),
 }
@@ -190,6 +192,7 @@ __all__ = [
     "load_open_clip",
     "make_fid",
     "pearson",
+    "plot_geneval_families",
     "sample_coco_pairs",
     "scaling_report",
     "validation_loss",

@@ -219,6 +219,40 @@ class FIDResult:
     num_real: int
     num_fake: int
     skipped: tuple[str, ...] = ()  # unreadable files, 'path: why'
+    # Bootstrap standard error (``compute_fid(..., resamples=R)``): the spread of the FID over
+    # R redraws, with replacement, of both image sets; None when not measured.
+    stderr: float | None = None
+
+
+def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
+    """The Fréchet distance between Gaussians fitted to two feature sets ``[N, D]`` (float64):
+    ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))``, the trace of the root from the
+    eigenvalues of ``S_r S_f`` (as torchmetrics computes it)."""
+    mu_r, mu_f = real.mean(axis=0), fake.mean(axis=0)
+    cov_r, cov_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    eig = np.linalg.eigvals(cov_r @ cov_f)
+    root_trace = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    return float(((mu_r - mu_f) ** 2).sum() + np.trace(cov_r) + np.trace(cov_f) - 2 * root_trace)
+
+
+def _features(metric: FrechetInceptionDistance, batch: Tensor) -> np.ndarray:
+    """The features ``metric.update`` adds for ``batch`` (its own preprocessing)."""
+    images = batch
+    if metric.normalize and not metric.used_custom_model:
+        images = (batch * 255).byte()
+    with torch.no_grad():
+        return metric.inception(images).double().cpu().numpy()  # [b, D]
+
+
+def _bootstrap_stderr(real: np.ndarray, fake: np.ndarray, resamples: int, seed: int) -> float:
+    rng = np.random.default_rng([seed, 11])
+    draws = [
+        frechet_distance(
+            real[rng.integers(0, len(real), len(real))], fake[rng.integers(0, len(fake), len(fake))]
+        )
+        for _ in range(resamples)
+    ]
+    return float(np.std(draws, ddof=1))
 
 
 def compute_fid(
@@ -231,17 +265,27 @@ def compute_fid(
     batch_size: int = 64,
     image_size: int | None = None,
     device: str | torch.device | None = None,
+    resamples: int = 0,
 ) -> FIDResult:
-    """FID between two image sets (tensors in ``[-1, 1]``, folders, file lists or batches)."""
+    """FID between two image sets (tensors in ``[-1, 1]``, folders, file lists or batches).
+
+    ``resamples > 1`` also measures the FID's bootstrap standard error (``stderr``): the
+    features of both sets are kept and the distance recomputed on ``resamples`` redraws."""
+    if resamples == 1 or resamples < 0:
+        raise ValueError(f"resamples must be 0 (no standard error) or >= 2; got {resamples}")
     metric = make_fid(feature, weights_path=weights_path, seed=seed, device=device)
     skipped: list[str] = []
     counts = {}
+    kept: dict[str, list[np.ndarray]] = {"real": [], "fake": []}
     for name, source, is_real in (("real", real, True), ("fake", fake, False)):
         count = 0
         for batch in iter_batches(
             source, batch_size=batch_size, image_size=image_size, skipped=skipped
         ):
-            metric.update(batch.to(metric.device), real=is_real)
+            batch = batch.to(metric.device)
+            metric.update(batch, real=is_real)
+            if resamples:
+                kept[name].append(_features(metric, batch))
             count += len(batch)
         if count < 2:
             raise ValueError(f"FID needs at least 2 {name} images; got {count}")
@@ -250,7 +294,14 @@ def compute_fid(
         warnings.warn(
             f"{len(skipped)} unreadable images skipped; first: {skipped[0]}", stacklevel=2
         )
-    return FIDResult(float(metric.compute()), counts["real"], counts["fake"], tuple(skipped))
+    stderr = None
+    if resamples:
+        stderr = _bootstrap_stderr(
+            np.concatenate(kept["real"]), np.concatenate(kept["fake"]), resamples, seed
+        )
+    return FIDResult(
+        float(metric.compute()), counts["real"], counts["fake"], tuple(skipped), stderr
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ official README documents and its evaluator reads (any ``\\d+.png`` sample name)
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -258,6 +259,20 @@ class GenEvalReport:
     results: tuple[ImageResult, ...] = ()
     skipped: tuple[str, ...] = ()  # "path: why" for every image or folder that could not be read
     missing_prompts: tuple[int, ...] = ()  # metadata lines with no folder of generations
+
+    def standard_errors(self) -> dict[str, Any]:
+        """Binomial standard errors: ``sqrt(p (1 - p) / n)`` of each task's fraction over its
+        ``n`` images, and of the overall score (the mean of the tasks) ``sqrt(sum se^2) / T``.
+        Images of one prompt are not independent draws, so these are lower bounds."""
+        counts: dict[str, int] = {}
+        for r in self.results:
+            counts[r.tag] = counts.get(r.tag, 0) + 1
+        tasks = {
+            tag: math.sqrt(p * (1 - p) / counts[tag]) if counts.get(tag) else float("nan")
+            for tag, p in self.tasks.items()
+        }
+        overall = math.sqrt(sum(se * se for se in tasks.values())) / max(len(tasks), 1)
+        return {"overall": overall, "tasks": tasks}
 
     def to_dict(self, *, with_results: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -229,6 +229,36 @@ def plot_loss_vs_metric(
         title += f" (Pearson r = {corr.r:.3f})"
     ax.set(xlabel="Validation loss", ylabel=METRIC_LABELS[metric], title=title)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_geneval_families(
+    scores: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike[str],
+    *,
+    errors: Mapping[str, Mapping[str, float]] | None = None,
+    title: str = "GenEval per family",
+) -> Path:
+    """Figure 13: GenEval per task family, one bar per variant (``scores``: variant -> family ->
+    score), with ``errors`` (the same layout: standard errors) as error bars."""
+    plt = _pyplot()
+    if not scores:
+        raise ValueError("no GenEval scores given")
+    families = list(dict.fromkeys(f for tasks in scores.values() for f in tasks))
+    width = 0.8 / len(scores)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(families)), 3.8))
+    x = np.arange(len(families))
+    for i, (variant, tasks) in enumerate(scores.items()):
+        heights = [tasks.get(f, np.nan) for f in families]
+        err = None
+        if errors is not None and variant in errors:
+            err = [errors[variant].get(f, 0.0) for f in families]
+        ax.bar(x + (i - (len(scores) - 1) / 2) * width, heights, width, yerr=err, capsize=2,
+               label=variant)  # fmt: skip
+    ax.set_xticks(x, [f.replace("_", " ") for f in families], fontsize=8)
+    ax.set(ylabel="GenEval score", ylim=(0, 1), title=title)
+    ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
 

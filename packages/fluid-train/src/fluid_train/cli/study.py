@@ -12,17 +12,21 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from fluid_train.experiments.settings import SIZES, VARIANTS
+    from fluid_train.experiments.settings import SIZES, VARIANTS, StudySettings
+
+    defaults = StudySettings()
+    default_sizes = ",".join(s.name for s in defaults.sizes)
 
     parser = subparsers.add_parser(
         "study",
         help="the paper's comparison in miniature: 4 variants x sizes, loss/FID/GenEval, fits",
         description=(
             "Train every (variant, size) pair on the shapes world with the same recipe and the "
-            "same number of steps; measure validation loss, FID and GenEval; fit a power law of "
-            "validation loss over parameters per variant; write OUT/results.md, "
-            "OUT/results.json and Figures 5, 6, 8 and 9 as PNG. Resumable: finished runs in "
-            "OUT are kept and skipped."
+            "same number of steps (Fluid also without its readout loss); tune CFG and "
+            "temperature per run on held-out prompts; measure validation loss, FID and GenEval "
+            "with standard errors, Fluid also along training; test the paper's four findings; "
+            "write OUT/results.md, OUT/results.json and Figures 5, 6, 8, 9 and 13 as PNG. "
+            "Resumable: finished runs, evaluated milestones and checkpoints in OUT are kept."
         ),
     )
     parser.add_argument("--out", default="study", help="output directory (default: study)")
@@ -31,13 +35,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--budget",
         type=float,
         default=None,
-        help="minutes per run: the step count is chosen so the slowest run fits (default: 3)",
+        help="minutes per run: the step count is chosen so the slowest run fits",
     )
-    steps.add_argument("--steps", type=int, default=None, help="training steps of every run")
+    steps.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps of every run (default: {defaults.steps})",
+    )
     parser.add_argument(
         "--sizes",
-        default="s,m,l",
-        help=f"comma-separated sizes among {','.join(SIZES)} (default: s,m,l)",
+        default=default_sizes,
+        help=f"comma-separated sizes among {','.join(SIZES)} (default: {default_sizes})",
     )
     parser.add_argument(
         "--variants",
@@ -73,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"fluid study: error: {error}", file=sys.stderr)
         return 2
-    minutes = args.budget if args.budget is not None else (None if args.steps else 3.0)
+    minutes = args.budget
     from fluid_train.experiments.machine import configure_cpu
     from fluid_train.experiments.study import run_study
 

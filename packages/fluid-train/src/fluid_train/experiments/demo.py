@@ -59,9 +59,14 @@ def train_model(
     seed: int = 0,
     progress: bool = True,
     time_limit_s: float | None = None,
+    resume: bool = False,
+    ckpt_every: int | None = None,
 ) -> TrainResult:
     """Train one model on the encoded shapes world with the real trainer (for at most
     ``time_limit_s`` seconds); ``result.pipeline`` is the exported EMA pipeline.
+
+    A fresh run replaces ``run_dir``; ``resume=True`` continues it from its newest checkpoint
+    (written every ``ckpt_every`` steps, default: at the end) up to ``settings.steps``.
 
     The recipe is the paper's (AdamW β=(0.9, 0.95), weight decay 0.02, linear warmup to a
     constant learning rate, gradient clipping, EMA every step), scaled down: warmup, steps,
@@ -71,7 +76,8 @@ def train_model(
     from ..trainer import train
 
     run = Path(run_dir)
-    shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: stages 1-4 are the cache
+    if not resume:
+        shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: stages 1-4 are the cache
     config = TrainConfig(
         out=str(run),
         preset=settings.preset,
@@ -91,8 +97,9 @@ def train_model(
         device="cpu",
         seed=seed,
         log_every=max(1, settings.steps // 100),
-        ckpt_every=settings.steps,
+        ckpt_every=min(ckpt_every or settings.steps, settings.steps),
         keep_checkpoints=1,
+        resume=resume,
         progress=progress,
         time_limit_s=time_limit_s,
     )

@@ -3,20 +3,30 @@ the loss curve and the contact sheet."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import GenerationConfig
 from .cache import StageCache, Stages
-from .settings import DemoSettings
+from .settings import DemoSettings, WorldSettings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fluid_eval.shapes import LayoutConfig
 
-__all__ = ["evaluate_pipeline", "plot_loss", "read_metrics", "contact_grid"]
+__all__ = [
+    "PromptSet",
+    "chance_levels",
+    "contact_grid",
+    "evaluate_pipeline",
+    "plot_loss",
+    "read_metrics",
+]
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -68,6 +78,36 @@ def _chance(
     return dict(summarize(results).tasks)
 
 
+@dataclass(frozen=True, slots=True)
+class PromptSet:
+    """A fixed set of shapes-world GenEval prompts with ground-truth renders (the FID reference):
+    ``num`` prompts balanced over the families, ``samples`` images each, drawn with
+    ``prompt_seed`` (the demo's and the study's evaluation set: 43)."""
+
+    num: int
+    samples: int
+    prompt_seed: int = 43
+
+    def build(self, cache: str | os.PathLike, world: WorldSettings, *, seed: int, stages: Stages) -> tuple[Path, Path]:  # fmt: skip
+        """The metadata file and the truth folder, built once in the stage cache."""
+        from fluid_eval import render_metadata, write_prompts
+
+        key = {
+            "num": self.num, "samples": self.samples, "size": world.image_size,
+            "layout": world.layout_key(), "seed": seed,
+        }  # fmt: skip
+        if self.prompt_seed != 43:  # the key the demo's entries were written under stays
+            key["prompt_seed"] = self.prompt_seed
+        with StageCache(cache, stages).entry("prompts", key, stage="prompts") as entry:
+            if entry.build:
+                write_prompts(entry.build / "prompts.jsonl", self.num, seed=self.prompt_seed + seed)
+                render_metadata(
+                    entry.build / "prompts.jsonl", entry.build / "truth", n_samples=self.samples,
+                    size=world.image_size, seed=seed, layout=world.layout_config(),
+                )  # fmt: skip
+        return entry.path / "prompts.jsonl", entry.path / "truth"
+
+
 def evaluate_pipeline(
     pipeline_dir: str | os.PathLike,
     settings: DemoSettings,
@@ -76,34 +116,38 @@ def evaluate_pipeline(
     cache: str | os.PathLike,
     seed: int = 0,
     stages: Stages | None = None,
+    generation: GenerationConfig | None = None,
+    prompts: PromptSet | None = None,
+    fid_resamples: int = 0,
+    chance: bool = True,
+    pipeline: Any = None,
 ) -> dict[str, Any]:
-    """Generate for the fixed prompt set and score: GenEval, FID, per-family chance levels."""
-    from fluid_eval import ShapesDetector, compute_fid, render_metadata, score_folder, write_prompts
+    """Generate for a fixed prompt set and score: GenEval, FID, per-family chance levels.
+
+    ``generation`` (default ``settings.generation``) and ``prompts`` (default: the settings'
+    ``num_prompts`` x ``samples_per_prompt`` evaluation set) choose what is generated;
+    ``fid_resamples`` adds FID's bootstrap standard error, ``chance=False`` skips the chance
+    levels and the ground truth's own score; ``pipeline`` reuses one already loaded."""
+    from fluid_eval import ShapesDetector, compute_fid, score_folder
     from fluid_eval.geneval import load_metadata, write_generations
 
     from ..pipeline import FluidPipeline
 
     stages = stages or Stages(print)
+    generation = generation or settings.generation
+    prompts = prompts or PromptSet(settings.num_prompts, settings.samples_per_prompt)
     out = Path(out_dir)
-    n, k = settings.num_prompts, settings.samples_per_prompt
-    world, layout = settings.world, settings.world.layout_config()
-    prompts_settings = {
-        "num": n, "samples": k, "size": world.image_size, "layout": world.layout_key(),
-        "seed": seed,
-    }  # fmt: skip
-    with StageCache(cache, stages).entry("prompts", prompts_settings, stage="prompts") as entry:
-        if entry.build:
-            write_prompts(entry.build / "prompts.jsonl", n, seed=43 + seed)
-            render_metadata(
-                entry.build / "prompts.jsonl", entry.build / "truth", n_samples=k, size=world.image_size,
-                seed=seed, layout=layout,
-            )  # fmt: skip
-    metadata_file, truth = entry.path / "prompts.jsonl", entry.path / "truth"
+    n, k = prompts.num, prompts.samples
+    world = settings.world
+    metadata_file, truth = prompts.build(cache, world, seed=seed, stages=stages)
     metadata = load_metadata(metadata_file)
 
-    pipeline = FluidPipeline.from_pretrained(pipeline_dir)
-    with stages.stage("generate", f"{n} prompts x {k} images, cfg {settings.generation.cfg}"):
-        sampler = pipeline.sampler(settings.generation, seed=seed)  # raster ignores num_steps
+    pipeline = pipeline or FluidPipeline.from_pretrained(pipeline_dir)
+    what = (
+        f"{n} prompts x {k} images, cfg {generation.cfg:g}, temperature {generation.temperature:g}"
+    )
+    with stages.stage("generate", what):
+        sampler = pipeline.sampler(generation, seed=seed)  # raster ignores num_steps
         generated = out / "generated"
         shutil.rmtree(generated, ignore_errors=True)
         with stages.bar(n, "generate", "prompt") as bar:
@@ -114,20 +158,48 @@ def evaluate_pipeline(
     with stages.stage("evaluate", "shapes-world GenEval and FID"):
         detector = ShapesDetector()
         report = score_folder(generated, detector, metadata_file=metadata_file)
-        fid = compute_fid(truth, generated).fid
-        truth_score = score_folder(truth, detector, metadata_file=metadata_file).overall
-        chance = _chance(
-            metadata, detector, samples=k, size=world.image_size, layout=layout, seed=seed
-        )
-    return {
-        "geneval": report.to_dict(),
-        "fid": fid,
-        "chance": chance,
-        "ground_truth_geneval": truth_score,
-        "metadata_file": str(metadata_file),
-        "metadata": metadata,
-        "generated": str(generated),
-    }
+        fid = compute_fid(truth, generated, resamples=fid_resamples)
+        result = {
+            "geneval": report.to_dict(),
+            "geneval_stderr": report.standard_errors(),
+            "fid": fid.fid,
+            "fid_stderr": fid.stderr,
+            "generation": dataclasses.asdict(generation),
+            "metadata_file": str(metadata_file),
+            "metadata": metadata,
+            "generated": str(generated),
+        }
+        if chance:
+            result["ground_truth_geneval"] = score_folder(truth, detector, metadata_file=metadata_file).overall  # fmt: skip
+            result["chance"] = _chance(
+                metadata, detector, samples=k, size=world.image_size,
+                layout=world.layout_config(), seed=seed,
+            )  # fmt: skip
+    return result
+
+
+def chance_levels(
+    settings: DemoSettings,
+    prompts: PromptSet,
+    *,
+    cache: str | os.PathLike,
+    seed: int = 0,
+    stages: Stages | None = None,
+) -> tuple[dict[str, float], float]:
+    """Per-family chance levels of a prompt set and its ground-truth renders' own score (the
+    detector's ceiling): the same for every model judged on it."""
+    from fluid_eval import ShapesDetector, score_folder
+    from fluid_eval.geneval import load_metadata
+
+    stages = stages or Stages(print)
+    world = settings.world
+    metadata_file, truth = prompts.build(cache, world, seed=seed, stages=stages)
+    detector = ShapesDetector()
+    chance = _chance(
+        load_metadata(metadata_file), detector, samples=prompts.samples, size=world.image_size,
+        layout=world.layout_config(), seed=seed,
+    )  # fmt: skip
+    return chance, score_folder(truth, detector, metadata_file=metadata_file).overall
 
 
 def contact_grid(

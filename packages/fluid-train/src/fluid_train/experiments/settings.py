@@ -26,6 +26,7 @@ __all__ = [
     "VARIANTS",
     "DemoSettings",
     "SizeSpec",
+    "StudyRun",
     "StudySettings",
     "WorldSettings",
     "demo_settings",
@@ -208,67 +209,129 @@ class SizeSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+def _resized(name: str, width: int, depth: int) -> SizeSpec:
+    return SizeSpec(
+        name, "shapes-s", {"backbone.width": width, "backbone.depth": depth, "aligner.width": width}
+    )
+
+
+# The study's sizes run from 0.17M to 6M parameters (continuous). On 2 CPU cores a step of 64
+# costs 28, 42 and 72 ms for xs, s and m (m is the demo's shapes-s), 113 ms for l.
 SIZES: dict[str, SizeSpec] = {
-    "s": SizeSpec("s", "shapes-s"),
-    "m": SizeSpec("m", "shapes-m"),
-    "l": SizeSpec("l", "shapes-l"),
+    "xs": _resized("xs", 48, 2),
+    "s": _resized("s", 64, 3),
+    "m": SizeSpec("m", "shapes-s"),
+    "l": SizeSpec("l", "shapes-m"),
+    "xl": SizeSpec("xl", "shapes-l"),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class StudyRun:
+    """One trained model of the study: a variant at a size, with or without the DiffLoss head's
+    readout loss (continuous variants only), and the steps it is evaluated at on its way."""
+
+    variant: str
+    size: SizeSpec
+    readout: bool = True
+    milestones: tuple[int, ...] = ()  # evaluation steps before the last one
+
+    @property
+    def order(self) -> str:
+        return self.variant.split("-")[0]
+
+    @property
+    def tokens(self) -> str:
+        return self.variant.split("-")[1]
+
+    @property
+    def label(self) -> str:
+        """The variant as results and figures name it (``random-continuous-noreadout``)."""
+        return self.variant if self.readout else f"{self.variant}-noreadout"
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-{self.size.name}"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StudySettings:
-    """The study's grid and the recipe every run shares."""
+    """The study's grid and the recipe every run shares.
 
-    # More scenes than the demo's default: twelve runs share the cost of building the world.
-    # 64 px (8x8 tokens) with the 300-step VAE: the world the README's study table was measured
-    # on, pinned here so it stays reproducible whatever the demo's world becomes.
-    world: WorldSettings = field(
-        default_factory=lambda: WorldSettings(
-            num_images=8000, image_size=64, layout="free", vae_steps=300
-        )
-    )
-    sizes: tuple[SizeSpec, ...] = tuple(SIZES.values())
+    Every variant trains on the demo's world (one object per token cell, 32 px, 4x4 tokens)
+    with the demo's recipe (sin-cos positions, batch 64, lr 1e-3, one diffusion sample per
+    token): the setting in which a CPU run of minutes learns the world. The DiffLoss readout
+    loss exists for the continuous head only, so the variants in ``no_readout`` are also
+    trained without it. Inference settings (CFG, temperature) are tuned per run and metric on
+    a held-out prompt set (``tune_*``) before the evaluation set is generated.
+    """
+
+    world: WorldSettings = field(default_factory=WorldSettings)
+    sizes: tuple[SizeSpec, ...] = (SIZES["xs"], SIZES["s"], SIZES["m"])
     variants: tuple[str, ...] = VARIANTS
-    steps: int = 300  # the same for every run
+    no_readout: tuple[str, ...] = ("random-continuous",)
+    # The same for every run. 6,000 steps of 64: the demo's shapes-s (size m) reaches GenEval
+    # ~0.5 there; the whole default study takes ~1.7 hours on 2 cores.
+    steps: int = 6000
+    # Fractions of ``steps`` at which ``milestone_variants`` are also evaluated (Figures 8, 9:
+    # validation loss against FID and GenEval across sizes and training steps).
+    milestones: tuple[float, ...] = (0.25, 0.5)
+    milestone_variants: tuple[str, ...] = ("random-continuous",)
     train: DemoSettings = field(
-        # The paper's objective and MAR's initialisation for every variant: no auxiliary
-        # readout loss (the study compares the variants' own losses) and std-0.02 positions
-        # (what the README's study table was measured with), unlike the demo's model.
-        default_factory=lambda: DemoSettings(
-            batch_size=32,  # the study table's batch, pinned like its world
-            # and its sampling: MAR's temperature 1 with CFG 3
-            generation=GenerationConfig(num_steps=16, cfg=3.0, temperature=1.0),
-            num_prompts=48,
-            samples_per_prompt=2,
-            model={
-                "diffloss.diffusion_batch_mul": 1,
-                "diffloss.regression_weight": 0.0,
-                "backbone.pos_init": "normal",
-            },
-        )
+        default_factory=lambda: DemoSettings(num_prompts=96, samples_per_prompt=4)
     )
+    # The held-out tuning prompts (a different seed from the evaluation prompts) and the grid.
+    tune_prompts: int = 48
+    tune_samples: int = 2
+    tune_cfg: tuple[float, ...] = (3.0, 5.0)
+    tune_temperature: tuple[float, ...] = (1.0, 1.3)
+    fid_resamples: int = 50  # bootstrap redraws for FID's standard error
     val_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.variants) - set(VARIANTS))
-        if unknown or not self.variants:
-            raise ValueError(
-                f"variants must be some of {list(VARIANTS)}; got {list(self.variants)}"
-            )
+        for name in ("variants", "no_readout", "milestone_variants"):
+            chosen = getattr(self, name)
+            unknown = sorted(set(chosen) - set(VARIANTS))
+            if unknown or (name == "variants" and not chosen):
+                raise ValueError(f"{name} must be some of {list(VARIANTS)}; got {list(chosen)}")
+        discrete = [v for v in self.no_readout if v.endswith("-discrete")]
+        if discrete:
+            raise ValueError(f"no_readout: the readout loss is the DiffLoss head's; got {discrete}")
         names = [s.name for s in self.sizes]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"sizes must be non-empty with unique names; got {names}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
+        if any(not 0 < f < 1 for f in self.milestones):
+            raise ValueError(f"milestones must be fractions in (0, 1); got {list(self.milestones)}")
+        if not self.tune_cfg or not self.tune_temperature:
+            raise ValueError("tune_cfg and tune_temperature need at least one value each")
 
-    def run_settings(self, size: SizeSpec) -> DemoSettings:
-        return dataclasses.replace(
-            self.train,
-            world=self.world,
-            preset=size.preset,
-            model={**self.train.model, **size.overrides},
-            steps=self.steps,
-        )
+    def runs(self) -> list[StudyRun]:
+        """Every run, smallest size first (the order of the table and of training)."""
+        milestones = tuple(sorted({max(1, round(f * self.steps)) for f in self.milestones} - {self.steps}))  # fmt: skip
+        out = []
+        for size in self.sizes:
+            for variant in self.variants:
+                steps = milestones if variant in self.milestone_variants else ()
+                out.append(StudyRun(variant, size, milestones=steps))
+                if variant in self.no_readout:
+                    out.append(StudyRun(variant, size, readout=False))
+        return out
+
+    def tuning_grid(self) -> list[GenerationConfig]:
+        base = self.train.generation
+        return [
+            dataclasses.replace(base, cfg=cfg, temperature=t)
+            for cfg in self.tune_cfg
+            for t in self.tune_temperature
+        ]
+
+    def run_settings(self, size: SizeSpec, *, readout: bool = True) -> DemoSettings:
+        model = {**self.train.model, **size.overrides}
+        if not readout:
+            model["diffloss.regression_weight"] = 0.0
+        return dataclasses.replace(self.train, world=self.world, preset=size.preset, model=model, steps=self.steps)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

@@ -1,23 +1,29 @@
 """``fluid study``: the paper's comparison of the four variants over model sizes, in miniature.
 
 On the shapes world (the stages of ``fluid_train.experiments.world``: data, the VAE and VQ tokenizers, the
-small frozen T5, encoded shards — all cached), every (variant, size) pair is trained with the
-real trainer and the same recipe for the same number of steps (the paper trains every model for
-the same steps), then measured:
+small frozen T5, encoded shards — all cached), every run of ``StudySettings.runs()`` (a variant
+at a size; the continuous ones of ``no_readout`` also without the readout loss) is trained with
+the real trainer and the same recipe for the same number of steps (the paper trains every model
+for the same steps), then measured:
 
-- validation loss on held-out scenes, the training objective (``fluid_eval.loss``);
-- FID (shapes feature net) and shapes-world GenEval on a fixed, balanced prompt set;
+- validation loss on held-out scenes: the training objective without the auxiliary readout
+  term, so runs with and without it compare (``fluid_eval.loss``);
+- CFG and temperature tuned on a held-out prompt set, separately for GenEval and for FID;
+- FID (shapes feature net, bootstrap standard error) and shapes-world GenEval (binomial
+  standard errors per family) on the evaluation prompt set, each at its tuned setting.
 
-and the study fits a power law of validation loss over parameters per variant
-(``fluid_eval.scaling``) and draws Figures 5, 6, 8 and 9. Outputs in ``DIR``::
+The ``milestone_variants`` (Fluid) are also measured at ``milestones`` of their training
+(Figures 8, 9). The study then tests the paper's four findings (``findings``) and writes::
 
     study.json              the settings (the step count is fixed on the first call)
-    runs/<variant>-<size>/  run directory (metrics, pipeline) + result.json when finished
-    results.json            every result, the fits and the correlations
-    results.md              the table
-    fig5_loss_vs_params.png, fig6_metrics_vs_params.png, fig8_..., fig9_...
+    runs/<run>/             the trainer's run directory, milestones/<step>.json, result.json
+    results.json            every run's numbers, the fits, correlations and findings
+    results.md              the tables: runs, fits, findings
+    fig5_loss_vs_params.png, fig6_metrics_vs_params.png, fig8_loss_vs_fid.png,
+    fig9_loss_vs_geneval.png, fig13_geneval_families.png
 
-Resumable: a run with a ``result.json`` written under the same settings is kept and skipped.
+Resumable: a run with a ``result.json`` written under the same settings is kept, an evaluated
+milestone is kept, and an interrupted training continues from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,11 +41,42 @@ import torch
 
 from .cache import Log, Stages
 from .demo import train_model
-from .evaluation import evaluate_pipeline
-from .settings import SizeSpec, StudySettings
+from .evaluation import PromptSet, chance_levels, evaluate_pipeline
+from .findings import findings, format_findings
+from .settings import SizeSpec, StudyRun, StudySettings
 from .world import World, build_world
 
 __all__ = ["format_table", "run_study", "steps_for_budget"]
+
+CKPT_EVERY = 1000  # steps between a run's checkpoints (what an interruption can lose)
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def _step_seconds(
+    settings: StudySettings, world: World, size: SizeSpec, tokens: str, probe_steps: int = 3
+) -> float:
+    """Seconds of one optimisation step (best of ``probe_steps``, after a warm-up step) of the
+    ``size`` model for ``tokens`` on a real batch."""
+    from ..data import TrainLoader
+    from ..model import FluidModel, TrainBatch
+
+    config = settings.run_settings(size).model_config(tokens=tokens, order="random")
+    loader = TrainLoader(world.encoded[tokens][0], batch_size=settings.train.batch_size, image_size=config.image_size, kind="encoded", shuffle_buffer=0)  # fmt: skip
+    tensors = next(iter(loader)).tensors
+    batch = TrainBatch(tokens=tensors["tokens"], text_hidden=tensors["text_hidden"], text_mask=tensors["text_mask"], token_std=tensors.get("token_std"))  # fmt: skip
+    torch.manual_seed(0)
+    model = FluidModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for _ in range(probe_steps + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        model.training_loss(batch).loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
 
 
 def steps_for_budget(
@@ -49,29 +87,44 @@ def steps_for_budget(
     Times ``probe_steps`` optimisation steps (after one warm-up step) of the largest size of
     each token kind on real batches and leaves a quarter of the budget for evaluation.
     """
-    from ..data import TrainLoader
-    from ..model import FluidModel, TrainBatch
+    from ..model import FluidModel
 
-    slowest = 0.0
     size = max(settings.sizes, key=lambda s: FluidModel.count_params(settings.run_settings(s).model_config()).total)  # fmt: skip
-    for variant in settings.variants:
-        order, tokens = variant.split("-")
-        config = settings.run_settings(size).model_config(tokens=tokens, order=order)
-        loader = TrainLoader(world.encoded[tokens][0], batch_size=settings.train.batch_size, image_size=config.image_size, kind="encoded", shuffle_buffer=0)  # fmt: skip
-        tensors = next(iter(loader)).tensors
-        batch = TrainBatch(tokens=tensors["tokens"], text_hidden=tensors["text_hidden"], text_mask=tensors["text_mask"], token_std=tensors.get("token_std"))  # fmt: skip
-        torch.manual_seed(0)
-        model = FluidModel(config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        times = []
-        for _ in range(probe_steps + 1):
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            model.training_loss(batch).loss.backward()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
-        slowest = max(slowest, min(times[1:]))
+    tokens = sorted({v.split("-")[1] for v in settings.variants})
+    slowest = max(_step_seconds(settings, world, size, t, probe_steps) for t in tokens)
     return max(1, int(minutes_per_run * 60 * 0.75 / slowest))
+
+
+class _Clock:
+    """The study's ETA: each run's predicted seconds (probed step time x steps, plus its
+    evaluations), rescaled by how the finished runs compared with their predictions."""
+
+    EVAL_GUESS_S = 40.0  # one tuned evaluation, until one has been measured
+
+    def __init__(self, predicted_train: dict[str, float], evaluations: dict[str, int]) -> None:
+        self.predicted_train = predicted_train
+        self.evaluations = evaluations
+        self.train_ratio: list[float] = []
+        self.eval_seconds: list[float] = []
+
+    def record(self, name: str, train_s: float | None, eval_s: list[float]) -> None:
+        if train_s:
+            self.train_ratio.append(train_s / self.predicted_train[name])
+        self.eval_seconds.extend(eval_s)
+
+    def estimate(self, name: str) -> float:
+        ratio = sum(self.train_ratio) / len(self.train_ratio) if self.train_ratio else 1.2
+        per_eval = (
+            sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else self.EVAL_GUESS_S
+        )  # fmt: skip
+        return self.predicted_train[name] * ratio + self.evaluations[name] * per_eval
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+# ------------------------------------------------------------------------------ measuring
 
 
 def _val_batches(shards: Sequence[str], batch_size: int) -> Iterator[Any]:
@@ -97,11 +150,15 @@ def _val_batches(shards: Sequence[str], batch_size: int) -> Iterator[Any]:
 def _validation_loss(
     pipeline_dir: Path, val_shards: Sequence[str], batch_size: int
 ) -> tuple[float, float]:
+    """The held-out training objective and its standard error; for the DiffLoss head without
+    its readout term (what the paper's objective is, with or without that term in training)."""
     from fluid_eval.loss import validation_loss
 
     from ..model import FluidModel
 
     model = FluidModel.from_pretrained(pipeline_dir, subfolder="model")
+    if hasattr(model.head, "config") and hasattr(model.head.config, "regression_weight"):
+        model.head.config = dataclasses.replace(model.head.config, regression_weight=0.0)
 
     def loss(batch: Any) -> tuple[torch.Tensor, float]:
         return model.training_loss(batch).loss, float(batch.tokens.shape[0])
@@ -110,53 +167,149 @@ def _validation_loss(
     return result.mean, result.std_error
 
 
-def _run_one(
-    variant: str, size: SizeSpec, settings: StudySettings, world: World, out: Path, *,
-    cache: Path, seed: int, log: Log, progress: bool,
+def _tuned_scores(
+    pipeline_dir: Path, settings: StudySettings, run: StudyRun, out: Path, *,
+    cache: Path, seed: int, stages: Stages,
 ) -> dict[str, Any]:  # fmt: skip
-    from ..model import FluidModel
+    """Tune CFG and temperature on the held-out prompts (GenEval and FID each), then score the
+    evaluation prompts at each metric's setting."""
+    from ..pipeline import FluidPipeline
 
-    order, tokens = variant.split("-")
-    run_settings = settings.run_settings(size)
-    config = run_settings.model_config(tokens=tokens, order=order)
-    params = FluidModel.count_params(config).total
-    run_dir = out / "runs" / f"{variant}-{size.name}"
-    stages = Stages(log, progress=progress)
-    with stages.stage("train", f"{variant} {size.name} ({params / 1e6:.2f}M params), {settings.steps} steps"):  # fmt: skip
-        pipeline = train_model(
-            world, run_settings, run_dir / "run", tokens=tokens, order=order, seed=seed,
-            progress=progress,
-        ).pipeline  # fmt: skip
-    with stages.stage("validate", "validation loss on the held-out scenes"):
-        val_loss, val_stderr = _validation_loss(pipeline, world.encoded[tokens][1], settings.val_batch_size)  # fmt: skip
-    scores = evaluate_pipeline(
-        pipeline, run_settings, run_dir, cache=cache, seed=seed, stages=stages
-    )
+    run_settings = settings.run_settings(run.size, readout=run.readout)
+    pipeline = FluidPipeline.from_pretrained(pipeline_dir)
+    tune_set = PromptSet(settings.tune_prompts, settings.tune_samples, prompt_seed=1043)
+    eval_set = PromptSet(run_settings.num_prompts, run_settings.samples_per_prompt)
+    common = {"cache": cache, "seed": seed, "stages": stages, "chance": False, "pipeline": pipeline}
+    tuning = []
+    for n, generation in enumerate(settings.tuning_grid()):
+        r = evaluate_pipeline(pipeline_dir, run_settings, out / f"tune-{n}", generation=generation, prompts=tune_set, **common)  # fmt: skip
+        tuning.append({"generation": r["generation"], "geneval": r["geneval"]["overall"], "fid": r["fid"]})  # fmt: skip
+        shutil.rmtree(out / f"tune-{n}", ignore_errors=True)
+    grid = settings.tuning_grid()
+    best = {
+        "geneval": grid[max(range(len(grid)), key=lambda i: tuning[i]["geneval"])],
+        "fid": grid[min(range(len(grid)), key=lambda i: tuning[i]["fid"])],
+    }
+    evals = {}
+    for metric, generation in best.items():
+        if metric == "fid" and generation == best["geneval"]:
+            evals["fid"] = evals["geneval"]
+            continue
+        evals[metric] = evaluate_pipeline(
+            pipeline_dir, run_settings, out / f"eval-{metric}", generation=generation,
+            prompts=eval_set, fid_resamples=settings.fid_resamples, **common,
+        )  # fmt: skip
+    geneval = evals["geneval"]
     return {
-        "variant": variant,
-        "size": size.name,
-        "preset": size.preset,
-        "params": params,
-        "steps": settings.steps,
-        "val_loss": val_loss,
-        "val_loss_stderr": val_stderr,
-        "fid": scores["fid"],
-        "geneval": scores["geneval"]["overall"],
-        "geneval_tasks": scores["geneval"]["tasks"],
-        "seconds": {k: round(v, 2) for k, v in stages.seconds.items()},
+        "fid": evals["fid"]["fid"],
+        "fid_stderr": evals["fid"]["fid_stderr"],
+        "geneval": geneval["geneval"]["overall"],
+        "geneval_stderr": geneval["geneval_stderr"]["overall"],
+        "geneval_tasks": geneval["geneval"]["tasks"],
+        "geneval_tasks_stderr": geneval["geneval_stderr"]["tasks"],
+        "images": geneval["geneval"]["num_images"],
+        "inference": {m: dataclasses.asdict(g) for m, g in best.items()},
+        "tuning": tuning,
     }
 
 
+def _read_if(path: Path, key: Any) -> dict[str, Any] | None:
+    """The ``result`` stored at ``path`` when it was written under ``key``."""
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return done["result"] if done.get("key") == key else None
+
+
+def _write(path: Path, key: Any, result: dict[str, Any]) -> None:
+    from ..atomic import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"key": key, "result": result}, indent=2, default=str) + "\n")  # fmt: skip
+
+
+def _run_one(
+    run: StudyRun, settings: StudySettings, world: World, out: Path, key: Any, *,
+    cache: Path, seed: int, log: Log, progress: bool,
+) -> tuple[dict[str, Any], float | None, list[float]]:  # fmt: skip
+    """Train ``run`` to each milestone and to the end, measuring at each; resumes a partial
+    run. Returns the result, the seconds trained in this call (None when none) and the seconds
+    of each evaluation made."""
+    from ..model import FluidModel
+
+    run_settings = settings.run_settings(run.size, readout=run.readout)
+    config = run_settings.model_config(tokens=run.tokens, order=run.order)
+    params = FluidModel.count_params(config).total
+    run_dir = out / "runs" / run.name
+    key_file = run_dir / "key.json"
+    if key_file.is_file() and json.loads(key_file.read_text()) != key:
+        log(f"[study] {run.name}: settings changed since it was started; training it afresh")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key, indent=2) + "\n")
+
+    stages = Stages(log, progress=progress)
+    points, train_s, eval_s = [], 0.0, []
+    for target in (*run.milestones, settings.steps):
+        point_file = run_dir / "milestones" / f"{target:06d}.json"
+        point = _read_if(point_file, key)
+        if point is None:
+            start = time.perf_counter()
+            stage_settings = dataclasses.replace(run_settings, steps=target, ema_decay=run_settings.ema)  # fmt: skip
+            with stages.stage("train", f"{run.name} ({params / 1e6:.2f}M params) to step {target} of {settings.steps}"):  # fmt: skip
+                pipeline = train_model(
+                    world, stage_settings, run_dir / "run", tokens=run.tokens, order=run.order,
+                    seed=seed, progress=progress, resume=True, ckpt_every=CKPT_EVERY,
+                ).pipeline  # fmt: skip
+            train_s += time.perf_counter() - start
+            start = time.perf_counter()
+            with stages.stage("validate", "validation loss on the held-out scenes"):
+                val_loss, val_se = _validation_loss(pipeline, world.encoded[run.tokens][1], settings.val_batch_size)  # fmt: skip
+            scores = _tuned_scores(pipeline, settings, run, run_dir / f"step-{target}", cache=cache, seed=seed, stages=stages)  # fmt: skip
+            point = {"step": target, "val_loss": val_loss, "val_loss_stderr": val_se, **scores}
+            _write(point_file, key, point)
+            eval_s.append(time.perf_counter() - start)
+            log(
+                f"[study] {run.name} step {target}: val loss {val_loss:.4f}, "
+                f"FID {point['fid']:.2f} ± {point['fid_stderr']:.2f}, "
+                f"GenEval {point['geneval']:.3f} ± {point['geneval_stderr']:.3f}"
+            )
+        points.append(point)
+    final = points[-1]
+    result = {
+        "run": run.name,
+        "variant": run.label,
+        "order": run.order,
+        "tokens": run.tokens,
+        "readout": run.readout,
+        "size": run.size.name,
+        "preset": run.size.preset,
+        "size_overrides": run.size.overrides,
+        "params": params,
+        "steps": settings.steps,
+        **{k: v for k, v in final.items() if k != "step"},
+        "milestones": points[:-1],
+        "seconds": {"train": round(train_s, 1), "evaluate": round(sum(eval_s), 1)},
+    }
+    return result, (train_s or None), eval_s
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
 def format_table(results: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str:
-    """The results as a markdown table, then the power-law fits per variant."""
+    """The runs as a markdown table, then the power-law fits of validation loss per variant."""
     lines = [
-        "| variant | size | params | val loss | FID | GenEval | train s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| variant | size | params | val loss | FID | GenEval | inference (GenEval) | train s |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
+        g = r["inference"]["geneval"]
         lines.append(
-            f"| {r['variant']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['val_loss']:.4f} "
-            f"| {r['fid']:.2f} | {r['geneval']:.3f} | {r['seconds'].get('train', 0):.0f} |"
+            f"| {r['variant']} | {r['size']} | {r['params'] / 1e6:.2f}M "
+            f"| {r['val_loss']:.4f} ± {r['val_loss_stderr']:.4f} "
+            f"| {r['fid']:.2f} ± {r['fid_stderr']:.2f} | {r['geneval']:.3f} ± {r['geneval_stderr']:.3f} "
+            f"| cfg {g['cfg']:g}, T {g['temperature']:g} | {r['seconds']['train']:.0f} |"
         )
     if fits:
         lines += ["", "| variant | power law L = a·N^b | b ± s.e. | R² |", "|---|---|---:|---:|"]
@@ -166,6 +319,42 @@ def format_table(results: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str
                 f"| {fit['exponent']:.4f} ± {fit['exponent_stderr']:.4f} | {fit['r_squared']:.3f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _figures(results: Sequence[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Fits and Figures 5, 6 (final runs), 8, 9 (Fluid along training) and 13 (families)."""
+    from fluid_eval.scaling import (
+        ScalingPoint,
+        pearson,
+        plot_geneval_families,
+        plot_loss_vs_metric,
+        scaling_report,
+    )
+
+    finals = [ScalingPoint(r["variant"], r["params"], r["val_loss"], r["fid"], r["geneval"]) for r in results]  # fmt: skip
+    report = scaling_report(finals, out).to_dict()
+    along = [
+        ScalingPoint(f"{r['variant']} {r['size']}", r["params"], p["val_loss"], p["fid"], p["geneval"])
+        for r in results
+        if r["milestones"]
+        for p in (*r["milestones"], r)
+    ]  # fmt: skip
+    report["correlations"] = {}
+    if along:
+        for metric, figure in (("fid", "fig8"), ("geneval", "fig9")):
+            report["plots"][figure] = str(plot_loss_vs_metric(along, metric, out / f"{figure}_loss_vs_{metric}.png"))  # fmt: skip
+            values = [getattr(p, metric) for p in along]
+            if len(along) >= 3 and len(set(values)) > 1:
+                corr = pearson([p.loss for p in along], values)
+                report["correlations"][metric] = dataclasses.asdict(corr)
+    largest = results[-1]["size"]
+    top = [r for r in results if r["size"] == largest]
+    report["plots"]["fig13"] = str(plot_geneval_families(
+        {r["variant"]: r["geneval_tasks"] for r in top}, out / "fig13_geneval_families.png",
+        errors={r["variant"]: r["geneval_tasks_stderr"] for r in top},
+        title=f"GenEval per family, size {largest}",
+    ))  # fmt: skip
+    return report
 
 
 def run_study(
@@ -178,65 +367,77 @@ def run_study(
     log: Log = print,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train and measure every (variant, size) of ``settings`` not yet finished in ``out``; write
-    the table, fits and figures; return the ``results.json`` payload.
+    """Train and measure every run of ``settings`` not yet finished in ``out``; write the
+    tables, fits, findings and figures; return the ``results.json`` payload.
 
     ``minutes_per_run`` (instead of ``settings.steps``) picks the step count by timing the
     slowest run on this machine; the count is then stored in ``out/study.json``, so a resumed
     study trains its remaining runs exactly as the first call would have.
     """
-    from fluid_eval.scaling import ScalingPoint, scaling_report
-
     start = time.perf_counter()
     settings = settings or StudySettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / "cache"
     tokens = sorted({v.split("-")[1] for v in settings.variants})
-    world = build_world(cache, settings.world, seed=seed, tokens=tokens, stages=Stages(log, progress=progress))
+    world = build_world(cache, settings.world, seed=seed, tokens=tokens, stages=Stages(log, progress=progress))  # fmt: skip
 
     saved_file = out / "study.json"
-    if saved_file.is_file():
+    if saved_file.is_file() and minutes_per_run is not None:  # the step count of the first call
         saved = json.loads(saved_file.read_text())
-        if minutes_per_run is not None:  # resume with the step count of the first call
-            settings = dataclasses.replace(settings, steps=int(saved["settings"]["steps"]))
+        settings = dataclasses.replace(settings, steps=int(saved["settings"]["steps"]))
     elif minutes_per_run is not None:
         steps = steps_for_budget(minutes_per_run, settings, world=world)
         log(f"[study] {minutes_per_run:g} min per run -> {steps} steps for every run")
         settings = dataclasses.replace(settings, steps=steps)
     record = {"settings": settings.to_dict(), "seed": seed}
     saved_file.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    results: list[dict[str, Any]] = []
-    for size in settings.sizes:
-        for variant in settings.variants:
-            result_file = out / "runs" / f"{variant}-{size.name}" / "result.json"
-            key = {"settings": settings.to_dict(), "seed": seed, "size": dataclasses.asdict(size)}
-            if result_file.is_file():
-                done = json.loads(result_file.read_text())
-                if done.get("key") == json.loads(json.dumps(key, default=str)):
-                    log(f"[study] {variant} {size.name}: finished earlier, kept")
-                    results.append(done["result"])
-                    continue
-            log(f"[study] {variant} {size.name}: training")
-            result = _run_one(variant, size, settings, world, out, cache=cache, seed=seed, log=log, progress=progress)  # fmt: skip
-            result_file.write_text(json.dumps({"key": key, "result": result}, indent=2, default=str) + "\n")  # fmt: skip
-            results.append(result)
-            log(f"[study] {variant} {size.name}: val loss {result['val_loss']:.4f}, FID {result['fid']:.2f}, GenEval {result['geneval']:.3f}")  # fmt: skip
 
-    points = [
-        ScalingPoint(r["variant"], r["params"], r["val_loss"], r["fid"], r["geneval"])
-        for r in results
-    ]
-    report = scaling_report(points, out).to_dict()
+    runs = settings.runs()
+    step_s = {
+        (size.name, t): _step_seconds(settings, world, size, t) for size in settings.sizes for t in tokens
+    }  # fmt: skip
+    clock = _Clock(
+        {r.name: step_s[(r.size.name, r.tokens)] * settings.steps for r in runs},
+        {r.name: len(r.milestones) + 1 for r in runs},
+    )
+    results: list[dict[str, Any]] = []
+    for n, run in enumerate(runs, 1):
+        key = json.loads(json.dumps({**record, "run": dataclasses.asdict(run)}, default=str))
+        result_file = out / "runs" / run.name / "result.json"
+        done = _read_if(result_file, key)
+        if done is not None:
+            log(f"[study] {n}/{len(runs)} {run.name}: finished earlier, kept")
+            results.append(done)
+            continue
+        left = sum(clock.estimate(r.name) for r in runs[n - 1 :])
+        eta = time.strftime("%H:%M", time.localtime(time.time() + left))
+        log(
+            f"[study] {n}/{len(runs)} {run.name}: training {settings.steps} steps, "
+            f"~{_minutes(clock.estimate(run.name))}; the study's remaining runs "
+            f"~{_minutes(left)}, ETA {eta}"
+        )
+        result, train_s, eval_s = _run_one(run, settings, world, out, key, cache=cache, seed=seed, log=log, progress=progress)  # fmt: skip
+        clock.record(run.name, train_s, eval_s)
+        _write(result_file, key, result)
+        results.append(result)
+
+    report = _figures(results, out)
+    eval_set = PromptSet(settings.train.num_prompts, settings.train.samples_per_prompt)
+    chance, truth = chance_levels(settings.run_settings(settings.sizes[0]), eval_set, cache=cache, seed=seed)  # fmt: skip
+    measured = findings(results, report["correlations"])
     payload = {
         "results": results,
         **report,
+        "findings": measured,
+        "chance": chance,
+        "ground_truth_geneval": truth,
         "steps": settings.steps,
         "elapsed_s": time.perf_counter() - start,
         "settings": record["settings"],
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    table = format_table(results, report["fits"])
+    table = format_table(results, report["fits"]) + "\n" + format_findings(measured)
     (out / "results.md").write_text(table)
     log(table)
     return payload

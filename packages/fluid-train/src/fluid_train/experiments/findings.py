@@ -1,0 +1,216 @@
+"""The paper's four findings, tested on a study's results: each with the paper's claim, the
+miniature's numbers, their noise and a verdict (reproduced / partly / not reproduced / not
+measurable).
+
+A difference counts as beyond noise when it exceeds twice its standard error (the errors of
+the two sides combined in quadrature): validation loss from the held-out batches, FID from
+the bootstrap over images, GenEval from the binomial error of each family's images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["findings", "format_findings"]
+
+Z = 2.0  # standard errors a difference must exceed
+
+PAPER = {
+    "a": "Validation loss falls as a power law of model size for all four variants: a straight "
+    "line in log-log (Figure 5).",
+    "b": "Continuous tokens reach a lower FID than discrete ones at every size, and the gap "
+    "widens with size (Figure 6).",
+    "c": "Random order beats raster order on GenEval for both token kinds, the most on "
+    "position and counting (Figures 6, 13).",
+    "d": "For Fluid, validation loss correlates strongly with FID and GenEval across sizes and "
+    "training steps (Figures 8, 9).",
+}
+
+
+def _quad(*errors: float | None) -> float:
+    return math.sqrt(sum((e or 0.0) ** 2 for e in errors))
+
+
+def _verdict(hits: int, total: int) -> str:
+    if total == 0:
+        return "not measurable"
+    if hits == total:
+        return "reproduced"
+    return "partly reproduced" if hits else "not reproduced"
+
+
+def _by(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["variant"], r["size"]): r for r in results}
+
+
+def _sizes(results: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["size"] for r in results))
+
+
+def _power_law(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from fluid_eval.scaling import fit_power_law
+
+    lines, hits, total = [], 0, 0
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        group = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["params"])
+        if len(group) < 2:
+            continue
+        fit = fit_power_law([r["params"] for r in group], [r["val_loss"] for r in group])
+        # Every step to a larger size lowers the loss by more than twice its noise.
+        falls = [
+            a["val_loss"] - b["val_loss"] > Z * _quad(a["val_loss_stderr"], b["val_loss_stderr"])
+            for a, b in zip(group, group[1:], strict=False)
+        ]
+        steep = fit.exponent < 0 and (
+            math.isnan(fit.exponent_stderr) or fit.exponent + Z * fit.exponent_stderr < 0
+        )
+        ok = all(falls) and steep and (fit.num_points < 3 or fit.r_squared >= 0.9)
+        total += 1
+        hits += ok
+        se = "" if math.isnan(fit.exponent_stderr) else f" ± {fit.exponent_stderr:.4f}"
+        lines.append(
+            f"{variant}: b = {fit.exponent:.4f}{se}, R² {fit.r_squared:.3f}, "
+            f"{sum(falls)}/{len(falls)} size steps lower beyond noise"
+        )
+    return {
+        "miniature": lines,
+        "verdict": _verdict(hits, total),
+        "passed": f"{hits}/{total} variants",
+    }
+
+
+def _continuous_vs_discrete(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from fluid_eval.scaling import fit_power_law
+
+    by = _by(results)
+    lines, wins, total, slopes_better, slopes_total = [], 0, 0, 0, 0
+    for order in ("random", "raster"):
+        cont, disc = f"{order}-continuous", f"{order}-discrete"
+        pairs = [(by[(cont, s)], by[(disc, s)]) for s in _sizes(results) if (cont, s) in by and (disc, s) in by]  # fmt: skip
+        if not pairs:
+            continue
+        cells = []
+        for c, d in pairs:
+            diff, se = c["fid"] - d["fid"], _quad(c["fid_stderr"], d["fid_stderr"])
+            win = diff < -Z * se
+            wins, total = wins + win, total + 1
+            cells.append(f"{c['size']} {c['fid']:.2f} vs {d['fid']:.2f} (Δ {diff:+.2f} ± {se:.2f})")
+        line = f"{order}: FID continuous vs discrete " + "; ".join(cells)
+        if len(pairs) >= 2:
+            fc = fit_power_law([c["params"] for c, _ in pairs], [c["fid"] for c, _ in pairs])
+            fd = fit_power_law([d["params"] for _, d in pairs], [d["fid"] for _, d in pairs])
+            slopes_total += 1
+            slopes_better += fc.exponent < fd.exponent
+            line += (
+                f"; FID ∝ N^b: b {fc.exponent:+.3f} (continuous) vs {fd.exponent:+.3f} (discrete)"
+            )
+        lines.append(line)
+    hits = (wins == total) + (slopes_total > 0 and slopes_better == slopes_total)
+    verdict = _verdict(hits, 2 if total else 0)
+    return {
+        "miniature": lines,
+        "verdict": verdict,
+        "passed": f"continuous lower at {wins}/{total} (order, size) pairs; scales better for "
+        f"{slopes_better}/{slopes_total} orders",
+    }
+
+
+def _random_vs_raster(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    by = _by(results)
+    lines, wins, total = [], 0, 0
+    gains: dict[str, list[float]] = {}
+    for tokens in ("continuous", "discrete"):
+        rnd, ras = f"random-{tokens}", f"raster-{tokens}"
+        cells = []
+        for s in _sizes(results):
+            if (rnd, s) not in by or (ras, s) not in by:
+                continue
+            a, b = by[(rnd, s)], by[(ras, s)]
+            diff, se = a["geneval"] - b["geneval"], _quad(a["geneval_stderr"], b["geneval_stderr"])
+            wins, total = wins + (diff > Z * se), total + 1
+            cells.append(f"{s} {a['geneval']:.3f} vs {b['geneval']:.3f} (Δ {diff:+.3f} ± {se:.3f})")
+            for family, score in a["geneval_tasks"].items():
+                gains.setdefault(family, []).append(score - b["geneval_tasks"].get(family, 0.0))
+        if cells:
+            lines.append(f"{tokens}: GenEval random vs raster " + "; ".join(cells))
+    mean_gain = {f: sum(v) / len(v) for f, v in gains.items()}
+    ranked = sorted(mean_gain, key=mean_gain.get, reverse=True)
+    if ranked:
+        lines.append(
+            "mean gain per family (random − raster, over sizes and token kinds): "
+            + ", ".join(f"{f} {mean_gain[f]:+.3f}" for f in ranked)
+        )
+    most = set(ranked[:2]) == {"position", "counting"}
+    hits = (total > 0 and wins == total) + most
+    return {
+        "miniature": lines,
+        "verdict": _verdict(hits, 2 if total else 0),
+        "passed": f"random higher beyond noise at {wins}/{total} (token kind, size) pairs; "
+        f"largest gains: {', '.join(ranked[:2]) or 'none'}",
+    }
+
+
+def _correlation(results: Sequence[dict[str, Any]], correlations: dict[str, Any]) -> dict[str, Any]:
+    points = sum(len(r["milestones"]) + 1 for r in results if r["milestones"])
+    lines, hits = [], 0
+    for metric, sign in (("fid", 1), ("geneval", -1)):
+        c = correlations.get(metric)
+        if c is None:
+            continue
+        ok = sign * c["r"] > 0 and c["p_value"] < 0.05
+        hits += ok
+        lines.append(f"val loss vs {metric}: Pearson r {c['r']:+.3f} (p {c['p_value']:.2g})")
+    lines.append(f"over {points} checkpoints (sizes x training steps)")
+    return {
+        "miniature": lines,
+        "verdict": _verdict(hits, len(correlations)),
+        "passed": f"{hits}/{len(correlations)} metrics correlate in the paper's direction (p < 0.05)",
+    }
+
+
+def _readout(results: Sequence[dict[str, Any]]) -> list[str]:
+    """The readout loss's effect: each variant trained with and without it."""
+    by = _by(results)
+    lines = []
+    for r in results:
+        if r["readout"] or (r["variant"].removesuffix("-noreadout"), r["size"]) not in by:
+            continue
+        w = by[(r["variant"].removesuffix("-noreadout"), r["size"])]
+        lines.append(
+            f"{w['variant']} {r['size']}: GenEval {w['geneval']:.3f} with the readout loss vs "
+            f"{r['geneval']:.3f} without; FID {w['fid']:.2f} vs {r['fid']:.2f}; val loss "
+            f"{w['val_loss']:.4f} vs {r['val_loss']:.4f}"
+        )
+    return lines
+
+
+def findings(results: Sequence[dict[str, Any]], correlations: dict[str, Any]) -> dict[str, Any]:
+    """The four findings (``a``-``d``), each {paper, miniature (lines), passed, verdict}, and
+    the readout ablation's lines. The continuous variants of (a)-(c) are the ones trained with
+    the readout loss; (a) includes the runs without it as a variant of their own."""
+    main = [r for r in results if r["readout"]]
+    measured = {
+        "a": _power_law(results),
+        "b": _continuous_vs_discrete(main),
+        "c": _random_vs_raster(main),
+        "d": _correlation(main, correlations),
+    }
+    return {
+        **{k: {"paper": PAPER[k], **v} for k, v in measured.items()},
+        "readout": _readout(results),
+    }
+
+
+def format_findings(measured: dict[str, Any]) -> str:
+    """The findings as a markdown table (paper vs miniature, verdict)."""
+    lines = ["| finding | paper | miniature | verdict |", "|---|---|---|---|"]
+    for k in ("a", "b", "c", "d"):
+        f = measured[k]
+        mini = "<br>".join(f["miniature"] + [f"({f['passed']})"])
+        lines.append(f"| ({k}) | {f['paper']} | {mini} | **{f['verdict']}** |")
+    if measured.get("readout"):
+        lines += ["", "Readout loss (DiffLoss head only), with vs without:", ""]
+        lines += [f"- {line}" for line in measured["readout"]]
+    return "\n".join(lines) + "\n"
