@@ -33,13 +33,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .atomic import atomic_directory
 from .backends import Backend, CheckpointState, build_backend
-from .checkpoint import CheckpointError, CheckpointManager, WriteError, verify
+from .checkpoint import CheckpointManager
 from .data import HostBatch, TrainLoader
 from .ema import EMA
 from .model import FluidConfig, FluidModel, TrainBatch
 from .recipe import TrainConfig, build_optimizer, learning_rate, prime_optimizer
+from .resume import (
+    check_batch_size,
+    check_resumable,
+    export_weights,
+    restore_data_position,
+    resume_newest,
+)
 from .runlog import METRICS_FILE, RunLog  # noqa: F401 - METRICS_FILE re-exported
 from .stopping import StopControl
 
@@ -215,7 +221,6 @@ class Trainer:
         return self.backend.place_encoders(encoders)
 
     def _prepare_run(self) -> None:
-        config_path = self.run_dir / CONFIG_FILE
         # Through JSON, so tuples compare equal to the lists read back from the file.
         record = json.loads(
             json.dumps(
@@ -223,23 +228,15 @@ class Trainer:
             )
         )
         candidates = self.checkpoints.candidates()
-        if candidates and not self.config.resume:
-            raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints (newest {candidates[0].name}); pass "
-                "--resume to continue it or choose a new --out"
-            )
+        check_resumable(self.run_dir / CONFIG_FILE, candidates, resume=self.config.resume, record=record)  # fmt: skip
         if candidates:
-            saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
-            if saved.get("model") not in (None, record["model"]):
-                raise ValueError(
-                    f"cannot resume {self.run_dir}: its model config differs from this one "
-                    f"(see {config_path})"
-                )
-            self._resume_newest(candidates)
+            resume_newest(self.checkpoints, candidates, self.backend, self._resume)
         elif self.config.resume:
             logger.info("--resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
         if self.backend.is_writer:
-            config_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            (self.run_dir / CONFIG_FILE).write_text(
+                json.dumps(record, indent=2, default=str) + "\n"
+            )
         self.runlog.start(self.step, writer=self.backend.is_writer)
 
     # -------------------------------------------------------------- checkpoints
@@ -255,95 +252,16 @@ class Trainer:
         }
         return CheckpointState(self.model, self.ema, self.optimizer, host)
 
-    def _resume_newest(self, candidates: list[Path]) -> None:
-        """Resume from the newest checkpoint that verifies; warn about each one skipped.
-
-        The writer verifies (one read of the files); ``any_process`` makes every host skip the
-        same ones. A load that fails anyway (e.g. a checkpoint without checksums) moves on to
-        the next one in a single-process run; on several processes it is raised (a collective
-        load cannot be abandoned by one host).
-        """
-        named = self.checkpoints.latest()
-        tried: list[str] = []
-        for path in candidates:
-            problem = None
-            if self.backend.is_writer:
-                check = verify(path)
-                problem = None if check.ok else check.describe()
-                if check.ok and check.legacy:
-                    logger.warning("checkpoint %s: %s", path, check.describe())
-            if self.backend.any_process(problem is not None):
-                problem = problem or "rejected on the writer process"
-                tried.append(f"{path.name}: {problem}")
-                logger.warning(
-                    "cannot resume from %s: %s; trying an older checkpoint", path, problem
-                )
-                continue
-            try:
-                self._resume(path)
-            except CheckpointError as error:
-                if self.backend.process_count > 1:
-                    raise
-                tried.append(f"{path.name}: {error}")
-                logger.warning("cannot resume from %s: %s; trying an older checkpoint", path, error)
-                continue
-            if named is not None and path != named:
-                logger.warning(
-                    "resumed from %s, the newest checkpoint that verifies; `latest` names %s",
-                    path.name,
-                    named.name,
-                )
-            return
-        listing = "\n  ".join(tried)
-        raise CheckpointError(
-            f"cannot resume {self.run_dir}: no checkpoint in {self.checkpoints.root} verifies "
-            f"(none was deleted); tried, newest first:\n  {listing}"
-        )
-
     def _resume(self, path: Path) -> None:
         host = self.backend.load_checkpoint(path, self._state())
-        if "batch_size" in host:  # the global batch; the rank count may change
-            if host["batch_size"] != self.config.batch_size:
-                raise ValueError(
-                    f"checkpoint {path} was written with --batch-size {host['batch_size']}; "
-                    f"this run uses {self.config.batch_size} (keep --batch-size to resume)"
-                )
-        elif host["host_batch"] != self.host_batch:
-            raise ValueError(
-                f"checkpoint {path} was written with {host['host_batch']} samples per host and "
-                f"batch; this run uses {self.host_batch} (keep --batch-size to resume)"
-            )
-        self._restore_data(path, host)
+        check_batch_size(host, path, batch_size=self.config.batch_size, host_batch=self.host_batch)
+        restore_data_position(self.loader, path, host)
         self.step = int(host["step"])
         self.step_t = self.backend.scalar(self.step, torch.int64)
         self.last_checkpoint = path
         self._checkpoint_step = self.step
         self._window_start = (self.step, time.perf_counter())
         logger.info("resumed %s at step %d", path, self.step)
-
-    def _restore_data(self, path: Path, host: dict[str, Any]) -> None:
-        """The data position: exact when the checkpoint has this run's stream layout; under
-        another rank count (other shards per rank) every stream starts the epoch after the
-        furthest one any rank of the checkpoint had reached."""
-        data = host["data"]
-        if data["num_streams"] == self.loader.num_streams and data["shards"] == len(
-            self.loader.urls
-        ):
-            self.loader.load_state_dict(data)
-            return
-        if data["shards"] != len(self.loader.urls):
-            self.loader.load_state_dict(data)  # raises, naming the difference
-        saved = host.get("all_data", [data])
-        epoch = 1 + max(int(st["epoch"]) for d in saved for st in d["streams"].values())
-        logger.warning(
-            "%s was written by %d data stream(s), this run reads %d: the data restart at "
-            "epoch %d (the rest of the interrupted epoch is skipped)",
-            path,
-            data["num_streams"],
-            self.loader.num_streams,
-            epoch,
-        )
-        self.loader.start_epoch(epoch)
 
     def save_checkpoint(self) -> Path:
         path = self.checkpoints.save(
@@ -579,39 +497,9 @@ class Trainer:
             return None
         model = FluidModel(self.model_config)
         model.load_state_dict(weights)
-        if self.tokenizer is not None and self.config.text_encoder:
-            from .encoders import load_text_encoder
-            from .pipeline import FluidPipeline
-
-            if self.encoders is not None and self.encoders.cast is not None:
-                # Cast for the device (bf16): export the weights as saved instead.
-                from .encoders import load_tokenizer
-
-                self.tokenizer = load_tokenizer(self.config.tokenizer)
-                self.text_encoder = None
-            if self.text_encoder is None:
-                self.text_encoder = load_text_encoder(self.config.text_encoder)
-
-            target = self.run_dir / "pipeline"
-            tokenizer = self.tokenizer.to("cpu")
-            text_encoder = self.text_encoder.to("cpu")
-            part = FluidPipeline(tokenizer=tokenizer, text_encoder=text_encoder, model=model)
-        else:
-            target = self.run_dir / "model"
-            part = model
-            logger.info(
-                "no --tokenizer/--text-encoder: exporting the EMA model alone to %s", target
-            )
-        try:
-            with atomic_directory(target) as tmp:
-                part.save_pretrained(tmp)
-        except OSError as error:  # ENOSPC, EIO, ...: the previous export (if any) stays
-            tmp = target.with_name(f".tmp-{target.name}")
-            kept = f"the checkpoint {self.last_checkpoint} is intact"
-            if target.exists():
-                kept += f" and so is the previous {target}"
-            raise WriteError(
-                "the export", tmp, error, f"{kept}; the partial {tmp.name} was removed"
-            ) from error
-        logger.info("exported the EMA weights to %s", target)
-        return target
+        cast = self.encoders is not None and self.encoders.cast is not None
+        return export_weights(
+            self.run_dir, model, tokenizer=self.tokenizer, text_encoder=self.text_encoder,
+            text_encoder_path=self.config.text_encoder, tokenizer_path=self.config.tokenizer,
+            reload=cast, last_checkpoint=self.last_checkpoint,
+        )  # fmt: skip
