@@ -208,6 +208,11 @@ def test_xxl_preset_counted_on_meta_without_memory():
     assert fluid_text.count_t5_encoder_params(tiny) == sum(
         p.numel() for p in T5EncoderModel(tiny).parameters()
     )
+    # The recorded counts `fluid info` reads without transformers are these counts.
+    assert fluid_text.T5_ENCODER_PARAMS == {
+        "t5-v1_1-xxl": count,
+        "shapes-t5": fluid_text.count_t5_encoder_params(tiny),
+    }
 
 
 def test_bad_input_is_named(t5: T5TextEncoder, t5_dir: Path, spiece_path: Path, tmp_path: Path):

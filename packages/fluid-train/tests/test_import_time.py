@@ -44,6 +44,19 @@ def test_help_and_argument_errors_answer_before_torch(argv):
     assert loaded == set()
 
 
+def test_info_sizes_a_model_without_transformers():
+    """`fluid info` counts on the meta device (torch) but reads the frozen T5's size from its
+    record: the 4.7B T5-XXL count needs no transformers."""
+    loaded = _modules_after(
+        "import contextlib, io\n"
+        "from fluid_train.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    assert main(['info', 'fluid-3.1b']) == 0\n"
+        "assert '4,762,310,656' in out.getvalue()\n"
+    )
+    assert "transformers" not in loaded and "diffusers" not in loaded and "torch_xla" not in loaded
+
+
 def test_packages_import_without_transformers_or_diffusers():
     loaded = _modules_after(
         "import fluid_heads, fluid_backbone, fluid_tokenizers, fluid_text, fluid_eval, fluid_train\n"

@@ -16,7 +16,7 @@ from .__about__ import __version__
 
 # name -> submodule: loaded on first access (PEP 562), so importing the package is cheap.
 _LAZY = {
-    "config": ("AlignerConfig", "SHAPES_T5_SIZES", "T5_V1_1_XXL_SIZES"),
+    "config": ("AlignerConfig", "SHAPES_T5_SIZES", "T5_ENCODER_PARAMS", "T5_V1_1_XXL_SIZES"),
     "aligner": ("TextAligner",),
     "spm": (
         "T5_EOS_ID",

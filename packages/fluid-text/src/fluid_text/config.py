@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SHAPES_T5_SIZES", "T5_V1_1_XXL_SIZES", "AlignerConfig"]
+__all__ = ["SHAPES_T5_SIZES", "T5_ENCODER_PARAMS", "T5_V1_1_XXL_SIZES", "AlignerConfig"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -59,4 +59,12 @@ SHAPES_T5_SIZES: dict[str, int | float] = {
     "num_decoder_layers": 2,
     "num_heads": 4,
     "dropout_rate": 0.0,
+}
+
+# The encoder parameters of the two layouts (``shapes_t5_config()`` at its default vocabulary),
+# as ``t5.count_t5_encoder_params`` counts them on the meta device; recorded so that sizing a
+# model (``fluid info``) needs no transformers. tests/test_t5.py recounts both.
+T5_ENCODER_PARAMS: dict[str, int] = {
+    "t5-v1_1-xxl": 4_762_310_656,
+    "shapes-t5": 115_136,
 }

@@ -168,20 +168,17 @@ def training_compute(config: FluidConfig, *, batch_size: int, steps: int) -> flo
 
 
 def frozen_text_encoder_params(config: FluidConfig) -> int:
-    """Parameters of the frozen T5 encoder the config's text states come from (meta count)."""
-    import fluid_text
+    """Parameters of the frozen T5 encoder the config's text states come from (the meta-device
+    counts ``fluid_text.config.T5_ENCODER_PARAMS`` records: no transformers import)."""
+    from fluid_text.config import T5_ENCODER_PARAMS
 
-    layouts = {
-        "t5-v1_1-xxl": fluid_text.t5_v1_1_xxl_config,
-        "shapes-t5": fluid_text.shapes_t5_config,
-    }
     try:
-        layout = layouts[config.text_encoder]
+        return T5_ENCODER_PARAMS[config.text_encoder]
     except KeyError:
         raise ValueError(
-            f"unknown text_encoder {config.text_encoder!r}; expected one of {sorted(layouts)}"
+            f"unknown text_encoder {config.text_encoder!r}; expected one of "
+            f"{sorted(T5_ENCODER_PARAMS)}"
         ) from None
-    return int(fluid_text.count_t5_encoder_params(layout()))
 
 
 def model_summary(config: FluidConfig, *, preset: str | None = None) -> dict[str, Any]:
