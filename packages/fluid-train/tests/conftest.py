@@ -1,20 +1,30 @@
 """Tiny shared fixtures for fluid-train's tests (model, generation, pipeline and trainer).
 
 Every model here is a few thousand parameters: a 4x4 token grid, width 32, two blocks, so a
-training step or a full generation takes milliseconds on one CPU thread.
+training step or a full generation takes milliseconds on one CPU thread. Below them: random
+encoded shards, and scripts run in a subprocess (torch_xla, torchrun) that report back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
 from fluid_backbone import TransformerConfig
 from fluid_text import AlignerConfig
+from fluid_train.data import write_shard
 from fluid_train.model import DiffLossConfig, FluidConfig, GenerationConfig, TrainBatch
+from fluid_train.preprocess import encoded_sample
 
 TINY_TEXT_DIM = 16  # width of the fake T5 states fed to tiny models
 TINY_TEXT_LENGTH = 5
@@ -203,3 +213,166 @@ def tiny_pipeline(tiny_t5_dir: Path) -> Callable[..., object]:
         )
 
     return build
+
+
+class SavedEncoders(NamedTuple):
+    tokenizer: Path
+    text_encoder: Path
+    pipeline: object  # the FluidPipeline they were saved from (its model fits them)
+
+
+@pytest.fixture
+def saved_encoders(tmp_path: Path, tiny_pipeline: Callable[..., object]) -> SavedEncoders:
+    """The tiny continuous pipeline's tokenizer and T5 saved in tmp_path (for preprocessing and
+    training on image shards)."""
+    pipe = tiny_pipeline("continuous", "random")
+    pipe.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    pipe.text_encoder.save_pretrained(tmp_path / "text_encoder")
+    return SavedEncoders(tmp_path / "tokenizer", tmp_path / "text_encoder", pipe)
+
+
+# ---- random encoded shards ----------------------------------------------------------------------
+
+
+def write_encoded_shards(
+    root: Path,
+    config: FluidConfig,
+    *,
+    shards: int = 2,
+    per_shard: int = 6,
+    seed: int = 0,
+    captions: bool = False,
+) -> Path:
+    """Random encoded shards ``root/00000.tar, ...`` for ``config``: ids, or means [N, C] with a
+    posterior std; fake text states [5, D_t] of which sample i has 1 + i % 5 real tokens."""
+    rng = np.random.default_rng(seed)
+    n, length = config.num_tokens, 5
+    continuous = config.tokens == "continuous"
+    for s in range(shards):
+        samples = []
+        for i in range(per_shard):
+            tokens = (
+                rng.standard_normal((n, config.token_dim))
+                if continuous
+                else rng.integers(0, config.vocab_size, n)
+            )
+            samples.append(
+                encoded_sample(
+                    f"{s}{i:04d}",
+                    tokens=tokens,
+                    token_std=0.1 * rng.random((n, config.token_dim)) if continuous else None,
+                    text_hidden=rng.standard_normal((length, config.text_dim)),
+                    text_mask=np.arange(length) < 1 + i % length,
+                    caption=f"sample {s} {i}" if captions else None,
+                )
+            )
+        write_shard(root / f"{s:05d}.tar", samples)
+    return root
+
+
+@pytest.fixture(scope="session")
+def encoded_shards() -> Callable[..., Path]:
+    """``encoded_shards(root, config, shards=2, per_shard=6, seed=0, captions=False) -> root``."""
+    return write_encoded_shards
+
+
+def make_run_values(out: Path, data: Path, *, steps: int, **overrides) -> dict:
+    """Plain TrainConfig values (JSON for a subprocess) of the tiny runs that compare backends:
+    batches of 8 (2 samples per device on a 4-device mesh), a checkpoint every 10 steps, fp32."""
+    values = dict(
+        out=str(out),
+        data={"shards": [str(data)], "shuffle_buffer": 8},
+        batch_size=8,
+        steps=steps,
+        log_every=1,
+        ckpt_every=10,
+        schedule={"warmup_steps": 5},
+        ema_decay=0.9,
+        progress=False,
+        precision="fp32",
+    )
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture(scope="session")
+def run_values() -> Callable[..., dict]:
+    """``run_values(out, data, steps=, **overrides) -> dict`` (TrainConfig.from_dict's input)."""
+    return make_run_values
+
+
+# ---- scripts run in a subprocess that report back -----------------------------------------------
+# torch_xla's SPMD mode is process-global and torchrun starts processes of its own, so such runs
+# are a script in a subprocess whose results come back as one ``REPORT {json}`` line on stdout.
+
+REPORT = "REPORT "
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    report: dict | None  # the JSON of the last REPORT line of stdout; None if it printed none
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_reporting_script(
+    source: str,
+    path: Path,
+    *args: object,
+    env: Mapping[str, str],
+    timeout: float,
+    launcher: Sequence[str] = (sys.executable,),
+    check: bool = True,
+) -> ScriptRun:
+    """Write ``source`` to ``path`` and run ``launcher path args`` (this Python by default).
+
+    ``check``: the test fails, with the tail of the script's stderr, unless it exits 0 with a
+    report.
+    """
+    path.write_text(source)
+    proc = subprocess.run(
+        [*launcher, str(path), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(REPORT)]
+    report = json.loads(lines[-1][len(REPORT) :]) if lines else None
+    if check:
+        assert proc.returncode == 0 and report is not None, proc.stderr[-4000:]
+    return ScriptRun(proc.returncode, proc.stdout, proc.stderr, report)
+
+
+@pytest.fixture(scope="session")
+def run_script() -> Callable[..., ScriptRun]:
+    """``run_script(source, path, *args, env=, timeout=, launcher=(python,), check=True)``."""
+    return run_reporting_script
+
+
+def make_xla_env(num_devices: int | None) -> dict[str, str]:
+    """This process's environment for torch_xla on the CPU PJRT device with ``num_devices``
+    virtual devices (None: CPU_NUM_DEVICES unset, so PJRT's single device)."""
+    env = {
+        **os.environ,
+        "PJRT_DEVICE": "CPU",
+        "OMP_NUM_THREADS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "HF_HUB_OFFLINE": "1",
+    }
+    if num_devices is None:
+        env.pop("CPU_NUM_DEVICES", None)
+    else:
+        env["CPU_NUM_DEVICES"] = str(num_devices)
+    return env
+
+
+@pytest.fixture(scope="session")
+def xla_env() -> Callable[[int | None], dict[str, str]]:
+    """``xla_env(num_devices) -> env`` for a torch_xla subprocess on the CPU PJRT device."""
+    return make_xla_env

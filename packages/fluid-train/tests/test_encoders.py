@@ -62,15 +62,12 @@ def image_shards(root: Path, *, shards: int = 2, per_shard: int = 7) -> Path:
 
 
 @pytest.fixture
-def world(tmp_path, tiny_pipeline):
+def world(tmp_path, saved_encoders):
     """Saved tiny SD-VAE tokenizer + T5, the matching tiny model config, and image shards."""
-    pipe = tiny_pipeline("continuous", "random")
-    pipe.tokenizer.save_pretrained(tmp_path / "tokenizer")
-    pipe.text_encoder.save_pretrained(tmp_path / "text_encoder")
     return {
-        "tokenizer": str(tmp_path / "tokenizer"),
-        "text_encoder": str(tmp_path / "text_encoder"),
-        "model": pipe.model.config.replace(text_length=TEXT_LENGTH),
+        "tokenizer": str(saved_encoders.tokenizer),
+        "text_encoder": str(saved_encoders.text_encoder),
+        "model": saved_encoders.pipeline.model.config.replace(text_length=TEXT_LENGTH),
         "images": str(image_shards(tmp_path / "images")),
     }
 
@@ -201,7 +198,7 @@ XLA_SCRIPT = textwrap.dedent(
 
 @pytest.mark.xla
 @pytest.mark.slow
-def test_xla_preprocess_on_4_devices_and_training_on_image_shards(tmp_path, world):
+def test_xla_preprocess_on_4_devices_and_training_on_image_shards(tmp_path, world, run_script):
     preprocess(
         world["images"], tokenizer=world["tokenizer"], text_encoder=world["text_encoder"],
         out=tmp_path / "cpu", pad_to=TEXT_LENGTH, batch_size=5, device="cpu",
@@ -229,16 +226,12 @@ def test_xla_preprocess_on_4_devices_and_training_on_image_shards(tmp_path, worl
             export=False,
         ),  # fmt: skip
     }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    (tmp_path / "xla_runs.py").write_text(XLA_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(tmp_path / "xla_runs.py"), str(tmp_path / "spec.json")],
-        env=env(PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4"), capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    report = json.loads(lines[-1][len("REPORT ") :])
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    xla = env(PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
+    report = run_script(
+        XLA_SCRIPT, tmp_path / "xla_runs.py", spec_file, env=xla, timeout=600
+    ).report
 
     # Batches of 3 per host become 4 rows (one per device), short batches padded and cut.
     assert report["xla"] == report["xla_sharded"] == 13

@@ -99,38 +99,22 @@ def test_eval_coco_names_missing_inputs(tmp_path, tiny_pipeline, capsys):
 # ---------------------------------------------------------------------- validation loss
 
 
-def write_encoded_shards(root: Path, config, *, shards: int = 3, per_shard: int = 5) -> list[str]:
-    from fluid_train.data import write_shard
-    from fluid_train.preprocess import encoded_sample
-
-    rng = np.random.default_rng(0)
-    n, length = config.num_tokens, 5
-    for s in range(shards):
-        samples = [
-            encoded_sample(
-                f"{s}{i:04d}",
-                tokens=rng.standard_normal((n, config.token_dim)),
-                token_std=0.1 * rng.random((n, config.token_dim)),
-                text_hidden=rng.standard_normal((length, config.text_dim)),
-                text_mask=np.arange(length) < 1 + i % length,
-            )
-            for i in range(per_shard)
-        ]
-        write_shard(root / f"{s:05d}.tar", samples)
-    return [str(root / f"{s:05d}.tar") for s in range(shards)]
+def _eval_loss(run: Path, data: Path, out: Path, *options: str) -> dict:
+    """``fluid eval loss`` of the pipeline saved in ``run`` on ``data``; the JSON it wrote."""
+    argv = ["loss", "--model", str(run), "--data", str(data), "--out", str(out), *options]
+    assert _run_eval(argv) == 0
+    return json.loads(out.read_text())
 
 
-def test_eval_loss_is_the_same_for_any_number_of_ranks(tmp_path, tiny_pipeline):
+def test_eval_loss_is_the_same_for_any_number_of_ranks(tmp_path, tiny_pipeline, encoded_shards):
     from fluid_train.evaluation import combine_shard_losses, shard_losses
 
     pipe = tiny_pipeline("continuous", "random")
     pipe.save_pretrained(tmp_path / "run" / "pipeline")
-    shards = write_encoded_shards(tmp_path / "val", pipe.model.config)
-    out = tmp_path / "loss.json"
-    argv = ["loss", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "val"),
-            "--batch-size", "2", "--out", str(out)]  # fmt: skip
-    assert _run_eval(argv) == 0
-    result = json.loads(out.read_text())
+    val = encoded_shards(tmp_path / "val", pipe.model.config, shards=3, per_shard=5)
+    shards = [str(val / f"{s:05d}.tar") for s in range(3)]
+    loss_args = [tmp_path / "run", val, tmp_path / "loss.json", "--batch-size", "2"]
+    result = _eval_loss(*loss_args)
     assert result["num_images"] == 15 and result["num_shards"] == 3
     assert result["num_batches"] == 9 and result["processes"] == 1  # 2 + 2 + 1 per shard
     # Two ranks: rank 0 takes shards 0 and 2, rank 1 shard 1; the merge gives the same number.
@@ -144,9 +128,8 @@ def test_eval_loss_is_the_same_for_any_number_of_ranks(tmp_path, tiny_pipeline):
     assert [w for _, w in records] == [2, 2, 1] * 3
     assert result["mean"] == pytest.approx(sum(v * w for v, w in records) / 15, rel=1e-6)
     # A fixed seed: the same again; another seed draws other masks and noise.
-    assert _run_eval(argv) == 0 and json.loads(out.read_text())["mean"] == result["mean"]
-    assert _run_eval([*argv, "--seed", "1"]) == 0
-    assert json.loads(out.read_text())["mean"] != result["mean"]
+    assert _eval_loss(*loss_args)["mean"] == result["mean"]
+    assert _eval_loss(*loss_args, "--seed", "1")["mean"] != result["mean"]
 
 
 def test_eval_loss_encodes_image_shards_with_the_pipeline(tmp_path, tiny_pipeline):
@@ -154,10 +137,8 @@ def test_eval_loss_encodes_image_shards_with_the_pipeline(tmp_path, tiny_pipelin
 
     tiny_pipeline("discrete", "random").save_pretrained(tmp_path / "run" / "pipeline")
     write_shards(tmp_path / "val", 6, seed=1, size=16, shard_size=4)
-    out = tmp_path / "loss.json"
-    argv = ["loss", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "val"),
-            "--batch-size", "4", "--out", str(out)]  # fmt: skip
-    assert _run_eval(argv) == 0
-    result = json.loads(out.read_text())
+    result = _eval_loss(
+        tmp_path / "run", tmp_path / "val", tmp_path / "loss.json", "--batch-size", "4"
+    )
     assert result["num_images"] == 6 and result["num_shards"] == 2
     assert math.isfinite(result["mean"]) and result["mean"] > 0

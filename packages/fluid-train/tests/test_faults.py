@@ -22,15 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fluid_train import checkpoint
 from fluid_train.checkpoint import CheckpointManager, verify
 from fluid_train.cli import main
 from fluid_train.cli.train import EXIT_PREEMPTED, EXIT_WRITE_ERROR
-from fluid_train.data import write_shard
-from fluid_train.preprocess import encoded_sample
 from fluid_train.presets import get_preset
 from fluid_train.trainer import Trainer
 
@@ -39,25 +36,6 @@ STEPS, EVERY = 12, 4
 
 class Crash(BaseException):
     """A simulated kill: not an OSError, so nothing cleans up after it."""
-
-
-def write_data(root: Path) -> Path:
-    config = get_preset("debug")
-    rng = np.random.default_rng(0)
-    n, dim, length = config.num_tokens, config.token_dim, 5
-    for s in range(2):  # 12 samples: 12 steps of 2 cross two epochs
-        samples = [
-            encoded_sample(
-                f"{s}{i:04d}",
-                tokens=rng.standard_normal((n, dim)),
-                token_std=0.1 * rng.random((n, dim)),
-                text_hidden=rng.standard_normal((length, config.text_dim)),
-                text_mask=np.arange(length) < 1 + i % length,
-            )
-            for i in range(6)
-        ]
-        write_shard(root / f"{s:05d}.tar", samples)
-    return root
 
 
 def train_argv(run: Path, data: Path, *extra: str, steps: int = STEPS) -> list[str]:
@@ -91,11 +69,12 @@ def names_latest(run: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, encoded_shards):
     """Data, the uninterrupted reference run, and a run killed while starting its step-12
     checkpoint (complete checkpoints at 4 and 8, ``latest`` = step 8) to copy and damage."""
     root = tmp_path_factory.mktemp("faults")
-    data = write_data(root / "data")
+    # 12 samples: 12 steps of 2 cross two epochs
+    data = encoded_shards(root / "data", get_preset("debug"), shards=2, per_shard=6)
     assert main(train_argv(root / "reference", data)) == 0
     reference = losses(root / "reference")
     assert [step for step, _ in reference] == list(range(1, STEPS + 1))

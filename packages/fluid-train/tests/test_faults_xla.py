@@ -13,16 +13,9 @@ reference losses exactly, which needs the checkpoint's syncs not to advance torc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
-import numpy as np
 import pytest
-
-from fluid_train.data import write_shard
-from fluid_train.preprocess import encoded_sample
 
 SCRIPT = textwrap.dedent(
     """
@@ -118,29 +111,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def write_data(root, config):
-    rng = np.random.default_rng(0)
-    n, length = config.num_tokens, 5
-    for s in range(2):
-        samples = [
-            encoded_sample(
-                f"{s}{i:04d}",
-                tokens=rng.standard_normal((n, config.token_dim)),
-                token_std=0.1 * rng.random((n, config.token_dim)),
-                text_hidden=rng.standard_normal((length, config.text_dim)),
-                text_mask=np.arange(length) < 1 + i % length,
-            )
-            for i in range(16)
-        ]
-        write_shard(root / f"{s:05d}.tar", samples)
-    return root
-
-
 @pytest.mark.xla
 @pytest.mark.slow
-def test_xla_dcp_checkpoints_survive_crashes_preemption_and_corruption(tmp_path, tiny_config):
+def test_xla_dcp_checkpoints_survive_crashes_preemption_and_corruption(
+    tmp_path, tiny_config, encoded_shards, run_script, xla_env
+):
     model = tiny_config("continuous", "random")  # masks, noise and dropout from the device RNG
-    data = write_data(tmp_path / "data", model)
+    data = encoded_shards(tmp_path / "data", model, per_shard=16)
     spec = {
         "root": str(tmp_path),
         "model": model.to_dict(),
@@ -158,26 +135,9 @@ def test_xla_dcp_checkpoints_survive_crashes_preemption_and_corruption(tmp_path,
             "export": False,
         },
     }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    (tmp_path / "runs.py").write_text(SCRIPT)
-    env = {
-        **os.environ,
-        "PJRT_DEVICE": "CPU",
-        "CPU_NUM_DEVICES": "4",
-        "OMP_NUM_THREADS": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "HF_HUB_OFFLINE": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, str(tmp_path / "runs.py"), str(tmp_path / "spec.json")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    report = json.loads(lines[-1][len("REPORT ") :])
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    report = run_script(SCRIPT, tmp_path / "runs.py", spec_file, env=xla_env(4), timeout=600).report
     reference = report["reference"]
     assert [step for step, _ in reference] == list(range(1, 9))
 

@@ -10,12 +10,12 @@ loader here concatenates the parts ``TrainLoader(host=r, num_hosts=N)`` gives ea
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -27,9 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from fluid_train.backends import resolve_backend
-from fluid_train.data import HostBatch, TrainLoader, write_shard
+from fluid_train.data import HostBatch, TrainLoader
 from fluid_train.model import FluidConfig
-from fluid_train.preprocess import encoded_sample
 from fluid_train.recipe import TrainConfig
 from fluid_train.trainer import Trainer, train
 
@@ -108,40 +107,10 @@ SCRIPT = textwrap.dedent(
 # ---------------------------------------------------------------------- helpers
 
 
-def write_data(root: Path, config: FluidConfig, *, shards: int = 4, per_shard: int = 24) -> Path:
-    rng = np.random.default_rng(0)
-    n, length = config.num_tokens, 5
-    for s in range(shards):
-        samples = [
-            encoded_sample(
-                f"{s}{i:04d}",
-                tokens=rng.integers(0, config.vocab_size, n),
-                text_hidden=rng.standard_normal((length, config.text_dim)),
-                text_mask=np.arange(length) < 1 + i % length,
-            )
-            for i in range(per_shard)
-        ]
-        write_shard(root / f"{s:05d}.tar", samples)
-    return root
-
-
-def values(out: Path, data: Path, **overrides) -> dict:
-    result = dict(
-        out=str(out),
-        data={"shards": [str(data)], "shuffle_buffer": 8},
-        batch_size=8,
-        steps=STEPS,
-        log_every=1,
-        ckpt_every=10,
-        schedule={"warmup_steps": 5},
-        ema_decay=0.9,
-        progress=False,
-        precision="fp32",
-        backend="fsdp",
-        device="cpu",
-    )
-    result.update(overrides)
-    return result
+@pytest.fixture
+def values(run_values):
+    """``values(out, data, **overrides)``: the comparison runs' values on the fsdp backend."""
+    return functools.partial(run_values, steps=STEPS, backend="fsdp", device="cpu")
 
 
 def losses(run: Path) -> list[float]:
@@ -149,32 +118,23 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
-def torchrun(tmp: Path, name: str, nproc: int, jobs: list[dict], models: dict) -> tuple:
-    """Run the jobs under ``torchrun --nproc-per-node nproc``; (returncode, output, report,
-    seconds from start to exit)."""
-    spec = tmp / f"{name}.json"
-    spec.write_text(json.dumps({"jobs": jobs, "models": models}))
-    script = tmp / "fsdp_jobs.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        str(script),
-        str(spec),
-    ]
-    start = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    end = time.time()
-    output = proc.stdout + proc.stderr
-    reports = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    report = json.loads(reports[-1][len("REPORT ") :]) if reports else {}
-    return proc.returncode, output, report, end, start
+@pytest.fixture
+def torchrun(tmp_path, run_script):
+    """``torchrun(name, nproc, jobs, models) -> ScriptRun``: the jobs run by SCRIPT under
+    ``torchrun --nproc-per-node nproc``; its exit status unchecked (a rank may fail on purpose)."""
+
+    def launch(name: str, nproc: int, jobs: list[dict], models: dict):
+        spec = tmp_path / f"{name}.json"
+        spec.write_text(json.dumps({"jobs": jobs, "models": models}))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                    str(nproc), "--master-port", str(free_port())]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        script = tmp_path / "fsdp_jobs.py"
+        return run_script(
+            SCRIPT, script, spec, env=env, timeout=240, launcher=launcher, check=False
+        )
+
+    return launch
 
 
 class RankParts:
@@ -259,12 +219,20 @@ def one_rank_group():
                 os.environ[key] = value
 
 
-def eager_reference(out: Path, data: Path, model: FluidConfig, ranks: int, **overrides):
-    trainer = Trainer(
-        TrainConfig.from_dict(values(out, data, backend="eager", **overrides)), model_config=model
-    )
-    trainer.loader = RankParts(trainer, ranks)
-    return trainer.fit()
+@pytest.fixture
+def eager_reference(values):
+    """``eager_reference(out, data, model, ranks, **overrides)``: the run on the eager backend,
+    trained on the global batches of ``ranks`` ranks."""
+
+    def fit(out: Path, data: Path, model: FluidConfig, ranks: int, **overrides):
+        trainer = Trainer(
+            TrainConfig.from_dict(values(out, data, backend="eager", **overrides)),
+            model_config=model,
+        )
+        trainer.loader = RankParts(trainer, ranks)
+        return trainer.fit()
+
+    return fit
 
 
 # ---------------------------------------------------------------------- tests
@@ -278,18 +246,22 @@ def test_auto_picks_fsdp_under_torchrun_with_several_ranks(monkeypatch):
     assert resolve_backend("fsdp") == "fsdp"
 
 
-def test_fsdp_outside_torchrun_is_a_clear_error(tmp_path, tiny_config, monkeypatch):
+def test_fsdp_outside_torchrun_is_a_clear_error(
+    tmp_path, tiny_config, monkeypatch, encoded_shards, values
+):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     model = tiny_config("discrete", "raster")
-    data = write_data(tmp_path / "data", model, shards=1, per_shard=2)
+    data = encoded_shards(tmp_path / "data", model, shards=1, per_shard=2)
     with pytest.raises(RuntimeError, match="runs under torchrun"):
         Trainer(TrainConfig.from_dict(values(tmp_path / "x", data)), model_config=model)
 
 
-def test_grad_accum_matches_one_larger_batch_on_eager(tmp_path, tiny_config):
+def test_grad_accum_matches_one_larger_batch_on_eager(
+    tmp_path, tiny_config, encoded_shards, values
+):
     model = tiny_config("discrete", "raster", text_drop_prob=0.0)
-    data = write_data(tmp_path / "data", model, shards=1)
+    data = encoded_shards(tmp_path / "data", model, shards=1, per_shard=24)
     common = dict(backend="eager", steps=4, ckpt_every=100, export=False)
     for name, batch in (("k2", {"batch_size": 8, "grad_accum": 2}), ("b16", {"batch_size": 16})):
         config = TrainConfig.from_dict(values(tmp_path / name, data, **common, **batch))
@@ -302,10 +274,12 @@ def test_grad_accum_matches_one_larger_batch_on_eager(tmp_path, tiny_config):
 
 
 @pytest.mark.slow
-def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tiny_config):
+def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(
+    tmp_path, tiny_config, encoded_shards, values, torchrun, eager_reference
+):
     discrete = tiny_config("discrete", "raster", text_drop_prob=0.0)
     models = {"discrete": discrete.to_dict()}
-    data = write_data(tmp_path / "data", discrete)
+    data = encoded_shards(tmp_path / "data", discrete, shards=4, per_shard=24)
 
     # The eager reference on the same global batches; its step-10 checkpoint resumes below on
     # 2 ranks (eager checkpoint -> fsdp).
@@ -328,8 +302,9 @@ def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tin
         {"name": "b", "values": values(tmp_path / "b", data, steps=10, export=False)},
         {"name": "c", "values": values(tmp_path / "b", data, resume=True, export=False)},
     ]
-    code, output, report, _, _ = torchrun(tmp_path, "launch", 2, jobs, models)
-    assert code == 0 and report, output[-3000:]
+    launch = torchrun("launch", 2, jobs, models)
+    assert launch.returncode == 0 and launch.report, launch.output[-3000:]
+    report = launch.report
 
     # Initial weights equal eager's; every parameter is an FSDP2 shard; ~1/2 per rank.
     probe = report["a"]
@@ -411,10 +386,10 @@ def test_fsdp_on_2_ranks_matches_eager_shards_and_resumes_anywhere(tmp_path, tin
 
 @pytest.mark.slow
 def test_hsdp_2x2_with_4_processes_and_checkpointed_blocks_matches_eager_a_failing_rank_stops_all(
-    tmp_path, tiny_config
+    tmp_path, tiny_config, encoded_shards, values, torchrun, eager_reference
 ):
     discrete = tiny_config("discrete", "raster", text_drop_prob=0.0)
-    data = write_data(tmp_path / "data", discrete)
+    data = encoded_shards(tmp_path / "data", discrete, shards=4, per_shard=24)
     parallel = {"dcn_data_parallelism": 2, "activation_checkpointing": "block"}
     run = values(tmp_path / "h", data, steps=6, export=False, parallel=parallel)
     failing = values(tmp_path / "f", data, steps=6, export=False)
@@ -424,9 +399,9 @@ def test_hsdp_2x2_with_4_processes_and_checkpointed_blocks_matches_eager_a_faili
         {"name": "n", "values": nan, "nan_at": 2, "nan_rank": 1},
         {"name": "f", "values": failing, "fail_at": 3, "fail_rank": 3},
     ]
-    code, output, report, end, _ = torchrun(
-        tmp_path, "hsdp", 4, jobs, {"discrete": discrete.to_dict()}
-    )
+    launch = torchrun("hsdp", 4, jobs, {"discrete": discrete.to_dict()})
+    end = time.time()
+    code, output, report = launch.returncode, launch.output, launch.report
     assert report, output[-3000:]
     probe = report["h"]
     assert probe["mesh"] == [2, 2]

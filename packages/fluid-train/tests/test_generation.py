@@ -14,6 +14,12 @@ def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture
+def model(variant, tiny_model):
+    """The tiny model (perturbed weights) of each of the four variants."""
+    return tiny_model(*variant)
+
+
 @pytest.mark.parametrize(("n", "k"), [(256, 64), (64, 64), (64, 16), (16, 4), (5, 5), (1, 1)])
 def test_reveal_schedule_follows_the_cosine_and_reveals_every_token_once(n, k):
     schedule = reveal_schedule(n, k)
@@ -44,12 +50,10 @@ def test_cfg_scale_schedules():
         cfg_scale(3.0, "cosine", num_tokens=4, masked_after=0)
 
 
-def test_generation_returns_tokens_of_the_right_shape(variant, tiny_model, tiny_text):
-    tokens, order = variant
-    model = tiny_model(tokens, order)
+def test_generation_returns_tokens_of_the_right_shape(model, tiny_text):
     hidden, mask = tiny_text(3)
     out = model.generate(hidden, mask, generator=_seeded(0))
-    if tokens == "discrete":
+    if model.config.tokens == "discrete":
         assert out.shape == (3, 16) and out.dtype == torch.int64
         assert 0 <= out.min() and out.max() < model.config.vocab_size
     else:
@@ -105,10 +109,8 @@ def test_random_order_reveals_each_token_once_and_only_revealed_rows_hit_the_hea
     assert out.shape[:2] == (batch, n)
 
 
-def test_cfg_one_equals_conditional_only_sampling(variant, tiny_model, tiny_text):
+def test_cfg_one_equals_conditional_only_sampling(model, tiny_text):
     """With scale 1 the null text has no effect; with scale 3 it does."""
-    tokens, order = variant
-    model = tiny_model(tokens, order)
     hidden, mask = tiny_text(2)
 
     def run(cfg):
@@ -122,9 +124,7 @@ def test_cfg_one_equals_conditional_only_sampling(variant, tiny_model, tiny_text
     assert not torch.equal(a3, b3)
 
 
-def test_same_seed_same_tokens(variant, tiny_model, tiny_text):
-    tokens, order = variant
-    model = tiny_model(tokens, order)
+def test_same_seed_same_tokens(model, tiny_text):
     hidden, mask = tiny_text(2)
     a = model.generate(hidden, mask, generator=_seeded(7))
     b = model.generate(hidden, mask, generator=_seeded(7))
@@ -133,14 +133,12 @@ def test_same_seed_same_tokens(variant, tiny_model, tiny_text):
     assert not torch.equal(a, c)
 
 
-def test_caches_change_nothing(variant, tiny_model, tiny_text):
+def test_caches_change_nothing(model, tiny_text):
     """Random order: text K/V reused vs recomputed per step. Raster: KV cache vs full forwards."""
-    tokens, order = variant
-    model = tiny_model(tokens, order)
     hidden, mask = tiny_text(2)
     cached = model.generate(hidden, mask, cfg=2.5, generator=_seeded(3), cache="on")
     full = model.generate(hidden, mask, cfg=2.5, generator=_seeded(3), cache="off")
-    if tokens == "discrete":
+    if model.config.tokens == "discrete":
         assert torch.equal(cached, full)
     else:
         # Float rounding differs between the cached and full attention paths; the first
@@ -160,14 +158,12 @@ class _CallCounter:
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
-def test_text_states_and_kv_are_computed_once_per_batch(variant, cache, tiny_model, tiny_text):
-    tokens, order = variant
-    model = tiny_model(tokens, order)
+def test_text_states_and_kv_are_computed_once_per_batch(model, cache, tiny_text):
     text_kv = _CallCounter(model.trunk, "text_kv")
     aligner = _CallCounter(model.text_aligner, "forward")
     null = _CallCounter(model.text_aligner, "null_text")
     model.generate(*tiny_text(2), num_steps=4, cfg=3.0, cache=cache)
-    steps = 4 if order == "random" else model.config.num_tokens
+    steps = 4 if model.config.order == "random" else model.config.num_tokens
     expected = 1 if cache == "on" else steps  # "off" recomputes them at every step
     assert aligner.count == expected and null.count == expected
     assert text_kv.count == expected

@@ -262,16 +262,10 @@ print("REPORT " + json.dumps({"shape": list(a.shape), "dtype": str(a.dtype),
 
 
 @pytest.mark.xla
-def test_spmd_sampler_shards_the_padded_batch_and_gathers_rows(tmp_path):
-    script = tmp_path / "spmd.py"
-    script.write_text(SPMD_SCRIPT)
+def test_spmd_sampler_shards_the_padded_batch_and_gathers_rows(tmp_path, run_script):
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4", "OMP_NUM_THREADS": "1",
            "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    report = json.loads(lines[-1][len("REPORT ") :])
+    report = run_script(SPMD_SCRIPT, tmp_path / "spmd.py", env=env, timeout=300).report
     assert report["hidden"].startswith("{devices=[4,1,1]")  # batch over the 4 devices
     assert report["decode_rows"] == 8 and report["options"] == {"num_steps": 3}
     assert report["last_chunk_rows"] == [2, 8]  # a short chunk keeps the batch's shape

@@ -20,38 +20,8 @@ from fluid_train.cli import train as train_cli
 from fluid_train.data import write_shard
 from fluid_train.model import FluidModel
 from fluid_train.pipeline import FluidPipeline
-from fluid_train.preprocess import encoded_sample
 from fluid_train.recipe import DataConfig, ScheduleConfig, TrainConfig
 from fluid_train.trainer import NonFiniteLossError, train
-
-
-def encoded_shards(
-    root: Path, config, *, shards: int = 2, per_shard: int = 6, seed: int = 0
-) -> Path:
-    """Random encoded shards for ``config`` (posterior mean + std for continuous tokens)."""
-    rng = np.random.default_rng(seed)
-    n, length = config.num_tokens, 5
-    for s in range(shards):
-        samples = []
-        for i in range(per_shard):
-            continuous = config.tokens == "continuous"
-            tokens = (
-                rng.standard_normal((n, config.token_dim))
-                if continuous
-                else rng.integers(0, config.vocab_size, n)
-            )
-            samples.append(
-                encoded_sample(
-                    f"{s}{i:04d}",
-                    tokens=tokens,
-                    token_std=0.1 * rng.random((n, config.token_dim)) if continuous else None,
-                    text_hidden=rng.standard_normal((length, config.text_dim)),
-                    text_mask=np.arange(length) < 1 + i % length,
-                    caption=f"sample {s} {i}",
-                )
-            )
-        write_shard(root / f"{s:05d}.tar", samples)
-    return root
 
 
 def run_config(out: Path, shards: Path, **overrides) -> TrainConfig:
@@ -83,9 +53,10 @@ def test_auto_backend_is_eager_without_an_accelerator():
         resolve_backend("tpu")
 
 
-def test_resume_gives_identical_losses_and_ema(tmp_path, tiny_config):
+def test_resume_gives_identical_losses_and_ema(tmp_path, tiny_config, encoded_shards):
     config = tiny_config("continuous", "random")  # Fluid: random masks, t, noise, token samples
-    data = encoded_shards(tmp_path / "data", config)  # 12 samples: 8 steps x 2 cross an epoch
+    # 12 samples: 8 steps x 2 cross an epoch
+    data = encoded_shards(tmp_path / "data", config, captions=True)
     straight = train(run_config(tmp_path / "a", data), model_config=config)
 
     first = train(run_config(tmp_path / "b", data, steps=4), model_config=config)
@@ -116,12 +87,12 @@ def test_resume_gives_identical_losses_and_ema(tmp_path, tiny_config):
 
 
 def test_time_limit_ends_the_run_like_its_last_step_and_resumes_exactly(
-    tmp_path, tiny_config, monkeypatch
+    tmp_path, tiny_config, monkeypatch, encoded_shards
 ):
     import fluid_train.trainer as trainer_module
 
     config = tiny_config("continuous", "random")
-    data = encoded_shards(tmp_path / "data", config)
+    data = encoded_shards(tmp_path / "data", config, captions=True)
     straight = train(run_config(tmp_path / "a", data), model_config=config)
     clock = iter(range(10_000))  # a clock that ticks one second each time it is read
     monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
@@ -140,9 +111,11 @@ def test_time_limit_ends_the_run_like_its_last_step_and_resumes_exactly(
         run_config(tmp_path / "c", data, time_limit_s=0)
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_config, monkeypatch):
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(
+    tmp_path, tiny_config, monkeypatch, encoded_shards
+):
     config = tiny_config("discrete", "random")
-    data = encoded_shards(tmp_path / "data", config)
+    data = encoded_shards(tmp_path / "data", config, captions=True)
     run = tmp_path / "run"
     train(run_config(run, data, steps=3, ckpt_every=3), model_config=config)
     good = run / "checkpoints" / "step_00000003"
@@ -196,17 +169,8 @@ def image_shards(root: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def parts(tmp_path, tiny_pipeline):
-    """Saved tiny tokenizer + T5 and the matching tiny model config."""
-    pipe = tiny_pipeline("continuous", "random")
-    pipe.tokenizer.save_pretrained(tmp_path / "tokenizer")
-    pipe.text_encoder.save_pretrained(tmp_path / "text_encoder")
-    return tmp_path / "tokenizer", tmp_path / "text_encoder", pipe
-
-
-def test_image_shards_skip_bad_samples_train_and_export(tmp_path, parts):
-    tokenizer, text_encoder, pipe = parts
+def test_image_shards_skip_bad_samples_train_and_export(tmp_path, saved_encoders):
+    tokenizer, text_encoder, pipe = saved_encoders
     data = image_shards(tmp_path / "images")
     run = tmp_path / "run"
     config = run_config(
@@ -230,8 +194,8 @@ def test_image_shards_skip_bad_samples_train_and_export(tmp_path, parts):
     assert images[0].size == (16, 16)
 
 
-def test_image_shards_need_the_frozen_parts(tmp_path, tiny_config, parts):
-    tokenizer, text_encoder, _ = parts
+def test_image_shards_need_the_frozen_parts(tmp_path, tiny_config, saved_encoders):
+    tokenizer, text_encoder, _ = saved_encoders
     data = image_shards(tmp_path / "images")
     with pytest.raises(ValueError, match="--tokenizer and --text-encoder"):
         train(run_config(tmp_path / "run", data), model_config=tiny_config())
@@ -247,8 +211,8 @@ def test_image_shards_need_the_frozen_parts(tmp_path, tiny_config, parts):
         )
 
 
-def test_preprocess_then_train_from_the_command_line(tmp_path, parts, capsys):
-    tokenizer, text_encoder, pipe = parts
+def test_preprocess_then_train_from_the_command_line(tmp_path, saved_encoders, capsys):
+    tokenizer, text_encoder, pipe = saved_encoders
     data = image_shards(tmp_path / "images")
     parser = argparse.ArgumentParser(prog="fluid")
     train_cli.register(parser.add_subparsers(dest="command", required=True))

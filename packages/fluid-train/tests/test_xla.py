@@ -13,10 +13,8 @@ dropout drawn from the device RNG every step) is run for the graph-count check t
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -24,8 +22,6 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from fluid_train.data import write_shard
-from fluid_train.preprocess import encoded_sample
 from fluid_train.recipe import DataConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from fluid_train.trainer import train
 
@@ -34,43 +30,10 @@ LOSS_RTOL = 1e-4  # xla (4-device SPMD) vs eager CPU, float32, 20 steps
 DEFAULT_LR = OptimizerConfig().lr  # these runs use the recipe's learning rate
 
 
-def write_data(root: Path, config, *, shards: int = 2, per_shard: int = 24) -> Path:
-    rng = np.random.default_rng(0)
-    n, length = config.num_tokens, 5
-    for s in range(shards):
-        samples = []
-        for i in range(per_shard):
-            continuous = config.tokens == "continuous"
-            samples.append(
-                encoded_sample(
-                    f"{s}{i:04d}",
-                    tokens=rng.standard_normal((n, config.token_dim))
-                    if continuous
-                    else rng.integers(0, config.vocab_size, n),
-                    token_std=0.1 * rng.random((n, config.token_dim)) if continuous else None,
-                    text_hidden=rng.standard_normal((length, config.text_dim)),
-                    text_mask=np.arange(length) < 1 + i % length,
-                )
-            )
-        write_shard(root / f"{s:05d}.tar", samples)
-    return root
-
-
-def train_values(out: Path, data: Path, **overrides) -> dict:
-    values = dict(
-        out=str(out),
-        data={"shards": [str(data)], "shuffle_buffer": 8},
-        batch_size=8,  # 2 samples per device on the 4-device mesh
-        steps=STEPS,
-        log_every=1,
-        ckpt_every=10,
-        schedule={"warmup_steps": 5},
-        ema_decay=0.9,
-        progress=False,
-        precision="fp32",
-    )
-    values.update(overrides)
-    return values
+@pytest.fixture
+def train_values(run_values):
+    """``train_values(out, data, **overrides)``: the comparison runs' values, STEPS steps."""
+    return functools.partial(run_values, steps=STEPS)
 
 
 SCRIPT = textwrap.dedent(
@@ -124,11 +87,13 @@ def metrics(run: Path) -> list[dict]:
 
 @pytest.mark.xla
 @pytest.mark.slow
-def test_spmd_fsdp_matches_eager_compiles_once_and_resumes(tmp_path, tiny_config):
+def test_spmd_fsdp_matches_eager_compiles_once_and_resumes(
+    tmp_path, tiny_config, encoded_shards, run_script, xla_env, train_values
+):
     discrete = tiny_config("discrete", "raster", text_drop_prob=0.0)
     masked = tiny_config("continuous", "random")  # Fluid itself
-    data_d = write_data(tmp_path / "data_d", discrete)
-    data_m = write_data(tmp_path / "data_m", masked)
+    data_d = encoded_shards(tmp_path / "data_d", discrete, per_shard=24)
+    data_m = encoded_shards(tmp_path / "data_m", masked, per_shard=24)
     xla = dict(backend="xla")
     spec = {
         "discrete": discrete.to_dict(),
@@ -140,26 +105,8 @@ def test_spmd_fsdp_matches_eager_compiles_once_and_resumes(tmp_path, tiny_config
     }
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
-    env = {
-        **os.environ,
-        "PJRT_DEVICE": "CPU",
-        "CPU_NUM_DEVICES": "4",
-        "OMP_NUM_THREADS": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "HF_HUB_OFFLINE": "1",
-    }
     script = tmp_path / "xla_runs.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(spec_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    report = json.loads(lines[-1][len("REPORT ") :])
+    report = run_script(SCRIPT, script, spec_file, env=xla_env(4), timeout=600).report
 
     # SPMD layout: ('data', 'fsdp') = (1, 4); FSDPv2 on every block; everything sharded.
     assert report["mesh"] == {"data": 1, "fsdp": 4}
@@ -205,7 +152,7 @@ def test_spmd_fsdp_matches_eager_compiles_once_and_resumes(tmp_path, tiny_config
     assert np.concatenate(close).mean() >= 0.99
 
 
-def test_train_config_round_trips_for_the_subprocess(tmp_path):
+def test_train_config_round_trips_for_the_subprocess(tmp_path, train_values):
     values = train_values(tmp_path / "a", tmp_path, backend="xla")
     config = TrainConfig.from_dict(values)
     assert config.data == DataConfig(shards=[str(tmp_path)], shuffle_buffer=8)

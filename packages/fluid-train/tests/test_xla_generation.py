@@ -9,10 +9,6 @@ counts the training step's. The tiny model has an 8x8 grid (64 tokens) so that b
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -116,28 +112,13 @@ def _image_stats(x: np.ndarray, pattern: np.ndarray) -> dict[str, np.ndarray]:
 
 @pytest.mark.xla
 @pytest.mark.slow
-def test_xla_generation_compiles_a_fixed_set_of_graphs_and_matches_eager(tmp_path):
-    script = tmp_path / "xla_generation.py"
-    script.write_text(SCRIPT)
+def test_xla_generation_compiles_a_fixed_set_of_graphs_and_matches_eager(
+    tmp_path, run_script, xla_env
+):
     samples = tmp_path / "samples.pt"
-    env = {
-        **os.environ,
-        "PJRT_DEVICE": "CPU",
-        "OMP_NUM_THREADS": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.pop("CPU_NUM_DEVICES", None)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(Path(__file__).parent), str(samples)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    report = json.loads(lines[-1][len("REPORT ") :])
+    script = tmp_path / "xla_generation.py"
+    here = Path(__file__).parent
+    report = run_script(SCRIPT, script, here, samples, env=xla_env(None), timeout=600).report
 
     # The 64-step run started from a fresh process: its first batch is every graph it needs.
     first, *later = report["continuous-random-64"]
