@@ -154,6 +154,7 @@ def _start(
     *,
     cache: CacheMode = "on",
 ) -> _Start:
+    """Sizes, guidance, the placeholder tokens and (cache="on") the text work, done once."""
     bsz, n, device = text_hidden.shape[0], model.config.num_tokens, text_hidden.device
     guided = options.cfg != 1.0
     text_kv = kv_cache = None

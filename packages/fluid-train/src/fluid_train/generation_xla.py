@@ -143,12 +143,12 @@ def _start(
     options: GenerationConfig,
     generator: torch.Generator | None,
 ) -> _Start:
-    """The eager loops' start (sizes, placeholder tokens, the text work), as its own graph."""
-    from .generation import _start
+    """The loops' shared start (``generation._start``), once the generator is checked."""
+    from . import generation
 
     _check_generator(generator)
     _sync()  # ops pending from before (e.g. moving the model) get their own graph, not ours
-    return _start(model, text_hidden, text_mask, options)
+    return generation._start(model, text_hidden, text_mask, options)
 
 
 def generate_random_order(
