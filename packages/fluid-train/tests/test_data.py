@@ -64,6 +64,16 @@ def ids(batch) -> list[int]:
     return batch.tensors["tokens"][:, 0].tolist()
 
 
+def test_data_re_exports_the_whole_sample_api():
+    import fluid_train.samples
+
+    namespace: dict = {}
+    exec("from fluid_train.data import *", namespace)  # fails on a name data does not hold
+    for name in fluid_train.samples.__all__:
+        assert namespace[name] is getattr(fluid_train.samples, name), name
+    assert namespace["TrainLoader"] is TrainLoader
+
+
 # ---------------------------------------------------------------------- shard lists
 
 
@@ -401,9 +411,11 @@ def test_trimmed_and_padded_shards_give_identical_batches(tmp_path):
         np.load(io.BytesIO(s["text.npy"])).shape[0] for shard in layouts[name] for s in shard
     ]
     assert rows("padded") == [length] * 15
-    assert rows("trimmed") == rows("bf16") == [
-        1 + (3 * s + i) % length for s in range(3) for i in range(5)
-    ]
+    assert (
+        rows("trimmed")
+        == rows("bf16")
+        == [1 + (3 * s + i) % length for s in range(3) for i in range(5)]
+    )
 
     def batches(name, **kwargs):
         loader = TrainLoader(

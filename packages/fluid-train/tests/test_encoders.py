@@ -248,3 +248,34 @@ def test_xla_preprocess_on_4_devices_and_training_on_image_shards(tmp_path, worl
     compiles = {r["step"]: r["compiles"] for r in records}
     assert len(records) == XLA_STEPS and all(np.isfinite(r["loss"]) for r in records)
     assert compiles[1] == compiles[2] == compiles[XLA_STEPS] > 0, compiles
+
+
+def test_parts_are_read_from_their_folder_or_a_pipeline_and_bad_folders_are_named(tmp_path):
+    import re
+
+    from fluid_train.encoders import text_encoder_width
+
+    part = tmp_path / "t5"
+    part.mkdir()
+    (part / "config.json").write_text(json.dumps({"d_model": 48}))
+    assert text_encoder_width(part) == 48
+    pipeline = tmp_path / "pipe"
+    (pipeline / "text_encoder").mkdir(parents=True)
+    (pipeline / "fluid_pipeline.json").write_text("{}")
+    (pipeline / "text_encoder" / "config.json").write_text(json.dumps({"d_model": 64}))
+    assert text_encoder_width(pipeline) == 64  # a pipeline's text_encoder/, not the pipeline
+
+    missing = re.escape(f"text encoder {tmp_path / 'none'} has no config.json (a saved T5 ")
+    with pytest.raises(FileNotFoundError, match=missing):
+        text_encoder_width(tmp_path / "none")
+    (pipeline / "text_encoder" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="text_encoder/config.json has no d_model"):
+        text_encoder_width(pipeline)
+
+    missing = re.escape(f"tokenizer {pipeline / 'tokenizer'} has no config.json (a saved tok")
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_tokenizer(pipeline)
+    (pipeline / "tokenizer").mkdir()
+    (pipeline / "tokenizer" / "config.json").write_text(json.dumps({"_class_name": "UNet"}))
+    with pytest.raises(ValueError, match="config.json names 'UNet'; expected AutoencoderKL"):
+        load_tokenizer(pipeline)

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from . import samples as _samples
 from .samples import (  # noqa: F401 - re-exported: the sample-level API
     IMAGE_EXTENSIONS,
     SKIP_REASONS,
@@ -61,23 +62,8 @@ from .samples import (  # noqa: F401 - re-exported: the sample-level API
     write_shard,
 )
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "HostBatch",
-    "ShardDataset",
-    "SkipSample",
-    "TrainLoader",
-    "center_crop_resize",
-    "decode_encoded_sample",
-    "decode_image_sample",
-    "describe_skips",
-    "detect_kind",
-    "expand_shards",
-    "image_to_tensor",
-    "iter_raw_samples",
-    "pad_text_states",
-    "write_shard",
-]
+# The streams built here, and the sample-level API they re-export (all of it: imported above).
+__all__ = ["HostBatch", "ShardDataset", "TrainLoader", *_samples.__all__]
 
 logger = logging.getLogger(__name__)
 

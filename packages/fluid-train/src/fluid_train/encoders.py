@@ -37,18 +37,28 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------- loading the parts
 
 
+def _part_dir(path: str | os.PathLike, subfolder: str) -> Path:
+    """``path`` itself, or its ``subfolder`` when ``path`` is a pipeline directory."""
+    root = Path(path)
+    return root / subfolder if (root / "fluid_pipeline.json").is_file() else root
+
+
+def _part_config(root: Path, *, what: str, saved: str) -> dict[str, Any]:
+    """The ``config.json`` of a saved part; ``what``/``saved`` name the part in the error."""
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{what} {root} has no config.json ({saved})")
+    return json.loads(config_file.read_text())
+
+
 def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
     """An ``SDVAETokenizer`` or ``VQTokenizer`` from a saved directory (diffusers layout; the
     class is read from ``config.json``'s ``_class_name``), or from a pipeline's ``tokenizer/``."""
     import fluid_tokenizers
 
-    root = Path(path)
-    if (root / "fluid_pipeline.json").is_file():
-        root = root / "tokenizer"
-    config_file = root / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"tokenizer {root} has no config.json (a saved tokenizer dir)")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
+    root = _part_dir(path, "tokenizer")
+    config = _part_config(root, what="tokenizer", saved="a saved tokenizer dir")
+    class_name = config.get("_class_name")
     classes = {"AutoencoderKL": "SDVAETokenizer", "VQModel": "VQTokenizer"}
     if class_name not in classes:
         raise ValueError(
@@ -69,9 +79,7 @@ def load_text_encoder(
     """The frozen ``T5TextEncoder`` of a saved directory (or a pipeline's ``text_encoder/``)."""
     from fluid_text import T5TextEncoder
 
-    root = Path(path)
-    if (root / "fluid_pipeline.json").is_file():
-        root = root / "text_encoder"
+    root = _part_dir(path, "text_encoder")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if max_length is not None:
         kwargs["max_length"] = max_length
@@ -80,15 +88,12 @@ def load_text_encoder(
 
 def text_encoder_width(path: str | os.PathLike) -> int:
     """``d_model`` of a saved T5 encoder, read from its ``config.json`` (no weights loaded)."""
-    root = Path(path)
-    if (root / "fluid_pipeline.json").is_file():
-        root = root / "text_encoder"
-    config_file = root / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"text encoder {root} has no config.json (a saved T5 encoder dir)")
-    config = json.loads(config_file.read_text())
+    root = _part_dir(path, "text_encoder")
+    config = _part_config(root, what="text encoder", saved="a saved T5 encoder dir")
     if "d_model" not in config:
-        raise ValueError(f"text encoder {config_file} has no d_model; expected a T5 config")
+        raise ValueError(
+            f"text encoder {root / 'config.json'} has no d_model; expected a T5 config"
+        )
     return int(config["d_model"])
 
 

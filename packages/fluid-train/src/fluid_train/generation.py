@@ -32,6 +32,9 @@ from .generation_xla import is_xla
 from .masking import cfg_scale, gumbel_noise, random_order, reveal_schedule
 
 if TYPE_CHECKING:
+    from fluid_backbone.causal import KVCache
+    from fluid_backbone.layers import TextKV
+
     from .model import FluidModel, GenerationConfig
 
 CacheMode = Literal["on", "off"]
@@ -128,6 +131,50 @@ def _check_text(model: FluidModel, hidden: Tensor, mask: Tensor) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Start:
+    """What every generation loop starts from (either order, eager or XLA)."""
+
+    batch: int  # B
+    num_tokens: int  # N
+    device: torch.device
+    guided: bool  # CFG: the trunk sees B' = 2B rows, [cond; uncond]
+    tokens: Tensor  # [B, N] or [B, N, C]: the placeholder the loop fills
+    # The text work done once (cache="on"): every layer's cross-attention K/V (random order)
+    # or the KV cache holding them (raster). None with cache="off".
+    text_kv: TextKV | None
+    kv_cache: KVCache | None
+
+
+def _start(
+    model: FluidModel,
+    text_hidden: Tensor,
+    text_mask: Tensor,
+    options: GenerationConfig,
+    *,
+    cache: CacheMode = "on",
+) -> _Start:
+    """Sizes, guidance, the placeholder tokens and (cache="on") the text work, done once."""
+    bsz, n, device = text_hidden.shape[0], model.config.num_tokens, text_hidden.device
+    guided = options.cfg != 1.0
+    text_kv = kv_cache = None
+    if cache == "on":
+        text = _prepare_text(model, text_hidden, text_mask, guided=guided)  # [B', L, D]
+        if model.config.order == "random":
+            text_kv = model.trunk.text_kv(text.hidden, text.mask)
+        else:
+            kv_cache = model.trunk.init_cache(text.batch_size, text.hidden, text.mask)
+    return _Start(
+        batch=bsz,
+        num_tokens=n,
+        device=device,
+        guided=guided,
+        tokens=_placeholder(model, bsz, device),
+        text_kv=text_kv,
+        kv_cache=kv_cache,
+    )
+
+
 @torch.no_grad()
 def generate(
     model: FluidModel,
@@ -191,16 +238,12 @@ def _generate_random_order(
     cache: CacheMode,
     progress: bool,
 ) -> Tensor:
-    cfg = model.config
-    bsz, n, device = text_hidden.shape[0], cfg.num_tokens, text_hidden.device
+    start = _start(model, text_hidden, text_mask, options, cache=cache)
+    bsz, n, device, guided, tokens = (
+        start.batch, start.num_tokens, start.device, start.guided, start.tokens
+    )  # fmt: skip
     schedule = reveal_schedule(n, options.num_steps)  # masked count after each step
-    guided = options.cfg != 1.0
-    if cache == "on":
-        text = _prepare_text(model, text_hidden, text_mask, guided=guided)  # [B', L, D]
-        text_kv = model.trunk.text_kv(text.hidden, text.mask)  # every layer's K/V, once
-
     order = random_order(bsz, n, device=device, generator=generator)  # [B, N]
-    tokens = _placeholder(model, bsz, device)  # [B, N] or [B, N, C]
     mask = torch.ones(bsz, n, dtype=torch.bool, device=device)  # [B, N] True = still masked
     masked = n
     for step in _steps(
@@ -209,7 +252,7 @@ def _generate_random_order(
         masked_after = schedule[step]
         x = _stack(model.head.embed(tokens), guided)  # [B', N, D]
         if cache == "on":
-            h = model.trunk(x, _stack(mask, guided), text_kv=text_kv)  # [B', N, D]
+            h = model.trunk(x, _stack(mask, guided), text_kv=start.text_kv)  # [B', N, D]
         else:
             text = _prepare_text(model, text_hidden, text_mask, guided=guided)
             h = model.trunk(x, _stack(mask, guided), text.hidden, text.mask)  # [B', N, D]
@@ -313,17 +356,12 @@ def _generate_raster(
     cache: CacheMode,
     progress: bool,
 ) -> Tensor:
-    cfg = model.config
-    bsz, n, device = text_hidden.shape[0], cfg.num_tokens, text_hidden.device
-    guided = options.cfg != 1.0
-    tokens = _placeholder(model, bsz, device)  # [B, N] or [B, N, C]
-    if cache == "on":
-        text = _prepare_text(model, text_hidden, text_mask, guided=guided)  # [B', L, D]
-        kv_cache = model.trunk.init_cache(text.batch_size, text.hidden, text.mask)  # text K/V once
+    start = _start(model, text_hidden, text_mask, options, cache=cache)
+    n, guided, tokens = start.num_tokens, start.guided, start.tokens
     x_prev = None
     for i in _steps(range(n), total=n, progress=progress, desc="generate"):
         if cache == "on":
-            h = model.trunk.step(x_prev, kv_cache)[:, 0]  # [B', D]
+            h = model.trunk.step(x_prev, start.kv_cache)[:, 0]  # [B', D]
         else:
             text = _prepare_text(model, text_hidden, text_mask, guided=guided)
             x = _stack(model.head.embed(tokens[:, : i + 1]), guided)  # [B', i+1, D]; token i unseen

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from .masking import cfg_scale, random_order, reveal_schedule
 
 if TYPE_CHECKING:
+    from .generation import _Start
     from .model import FluidModel, GenerationConfig
 
 
@@ -135,6 +136,21 @@ def _head_sample(
     return model.head.sample(z, **kwargs)[:m]  # [M] or [M, C]
 
 
+def _start(
+    model: FluidModel,
+    text_hidden: Tensor,
+    text_mask: Tensor,
+    options: GenerationConfig,
+    generator: torch.Generator | None,
+) -> _Start:
+    """The loops' shared start (``generation._start``), once the generator is checked."""
+    from . import generation
+
+    _check_generator(generator)
+    _sync()  # ops pending from before (e.g. moving the model) get their own graph, not ours
+    return generation._start(model, text_hidden, text_mask, options)
+
+
 def generate_random_order(
     model: FluidModel,
     text_hidden: Tensor,
@@ -144,22 +160,17 @@ def generate_random_order(
     *,
     progress: bool,
 ) -> Tensor:
-    from .generation import _placeholder, _prepare_text, _stack
+    from .generation import _stack
 
-    _check_generator(generator)
-    _sync()  # ops pending from before (e.g. moving the model) get their own graph, not ours
-    cfg = model.config
-    bsz, n, device = text_hidden.shape[0], cfg.num_tokens, text_hidden.device
+    start = _start(model, text_hidden, text_mask, options, generator)
+    bsz, n, device, guided, tokens = (
+        start.batch, start.num_tokens, start.device, start.guided, start.tokens
+    )  # fmt: skip
     schedule = reveal_schedule(n, options.num_steps)  # masked count after each step
     before = [n, *schedule[:-1]]
-    guided = options.cfg != 1.0
-    text = _prepare_text(model, text_hidden, text_mask, guided=guided)  # [B', L, D]
-    text_kv = model.trunk.text_kv(text.hidden, text.mask)
-
     order = random_order(bsz, n, device="cpu", generator=generator).to(device)  # [B, N]
     _seed_device(generator, device)
     rank = order.argsort(dim=1)  # [B, N]: the rank of each position in its image's order
-    tokens = _placeholder(model, bsz, device)  # [B, N] or [B, N, C]
     mask = torch.ones(bsz, n, dtype=torch.bool, device=device)  # [B, N] True = still masked
     k_max = max(b - a for b, a in zip(before, schedule, strict=True))  # rows per head pass
     slots = torch.arange(k_max, device=device)  # [k_max]
@@ -179,7 +190,7 @@ def generate_random_order(
         )
         scale = values[0]  # the guidance scale; values[1]: MaskGIT's annealed temperature
         x = _stack(model.head.embed(tokens), guided)  # [B', N, D]
-        h = model.trunk(x, _stack(mask, guided), text_kv=text_kv)  # [B', N, D]
+        h = model.trunk(x, _stack(mask, guided), text_kv=start.text_kv)  # [B', N, D]
         _sync()
         if options.order_policy == "confidence":
             tokens, mask = _confidence_step(
@@ -265,22 +276,16 @@ def generate_raster(
     *,
     progress: bool,
 ) -> Tensor:
-    from .generation import _placeholder, _prepare_text, _stack
+    from .generation import _stack
 
-    _check_generator(generator)
-    _sync()  # ops pending from before (e.g. moving the model) get their own graph, not ours
-    cfg = model.config
-    bsz, n, device = text_hidden.shape[0], cfg.num_tokens, text_hidden.device
-    guided = options.cfg != 1.0
+    start = _start(model, text_hidden, text_mask, options, generator)
+    n, device, guided, tokens = start.num_tokens, start.device, start.guided, start.tokens
     _seed_device(generator, device)
-    tokens = _placeholder(model, bsz, device)  # [B, N] or [B, N, C]
-    text = _prepare_text(model, text_hidden, text_mask, guided=guided)  # [B', L, D]
-    kv_cache = model.trunk.init_cache(text.batch_size, text.hidden, text.mask)
     position = torch.zeros(1, dtype=torch.long, device=device)  # [1] the token being written
     _sync()
     x_prev = None
     for i in _steps(n, progress):
-        h = model.trunk.step(x_prev, kv_cache)[:, 0]  # [B', D]
+        h = model.trunk.step(x_prev, start.kv_cache)[:, 0]  # [B', D]
         _sync()
         scale = _scalars(
             [cfg_scale(options.cfg, options.cfg_schedule, num_tokens=n, masked_after=n - i - 1)],

@@ -194,7 +194,8 @@ def _torchrun_world() -> int:
 
 class TorchDeviceBackend(Backend):
     """What the backends on PyTorch's own devices share (eager, fsdp): autocast in bf16 on
-    accelerators under ``auto``, and the CUDA generator in the RNG state."""
+    accelerators under ``auto``, the CUDA generator in the RNG state, batches copied to the
+    device as the loader yields them, and the step run as plain Python."""
 
     @property
     def autocast_device_type(self) -> str:
@@ -215,6 +216,22 @@ class TorchDeviceBackend(Backend):
         super().set_rng_state(state)
         if self.device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def device_batches(
+        self, loader: TrainLoader, encode: Encode
+    ) -> Iterator[tuple[HostBatch, dict[str, Tensor]]]:
+        for host_batch in loader:
+            tensors = encode(host_batch)
+            yield host_batch, {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
+
+    def run_step(
+        self, step_fn: Callable[..., Any], batch: dict[str, Tensor], closure: Callable | None
+    ) -> Any:
+        # Eager execution: the closure may read the outputs at once (a CUDA read waits for them).
+        out = step_fn(batch)
+        if closure is not None:
+            closure(out)
+        return out
 
 
 def resolve_backend(name: str) -> str:

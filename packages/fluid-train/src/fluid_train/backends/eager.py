@@ -6,7 +6,6 @@ run is not synchronised every step). Checkpoints are one ``torch.save`` file per
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,10 +14,9 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_torch, save_torch
 from ..parallelize import activation_checkpoint_eager
-from . import CheckpointState, Encode, TorchDeviceBackend
+from . import CheckpointState, TorchDeviceBackend
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..data import HostBatch, TrainLoader
     from ..recipe import TrainConfig
 
 __all__ = ["EagerBackend"]
@@ -50,21 +48,6 @@ class EagerBackend(TorchDeviceBackend):
             activation_checkpoint_eager(model)
         return model.to(self.device)
 
-    def device_batches(
-        self, loader: TrainLoader, encode: Encode
-    ) -> Iterator[tuple[HostBatch, dict[str, Tensor]]]:
-        for host_batch in loader:
-            tensors = encode(host_batch)
-            yield host_batch, {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-
-    def run_step(
-        self, step_fn: Callable[..., Any], batch: dict[str, Tensor], closure: Callable | None
-    ) -> Any:
-        out = step_fn(batch)
-        if closure is not None:
-            closure(out)
-        return out
-
     # -------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, directory: Path, state: CheckpointState) -> None:
@@ -90,9 +73,6 @@ class EagerBackend(TorchDeviceBackend):
         _load_optimizer_state(state.optimizer, saved["optimizer"])
         self.set_rng_state(saved["rng"])
         return saved["host"]
-
-    # -------------------------------------------------------------- RNG
-
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,10 +42,9 @@ from torch import Tensor, nn
 from ..checkpoint import load_torch, save_torch
 from ..parallelize import build_fsdp_mesh, parallelize_fsdp
 from ..recipe import clean_name
-from . import Backend, CheckpointState, Encode, TorchDeviceBackend
+from . import Backend, CheckpointState, TorchDeviceBackend
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..data import HostBatch, TrainLoader
     from ..recipe import TrainConfig
 
 __all__ = ["FsdpBackend", "load_portable_checkpoint", "portable_state", "torchrun_env"]
@@ -181,21 +180,6 @@ class FsdpBackend(TorchDeviceBackend):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
-    # -------------------------------------------------------------- data and the step
-
-    def device_batches(
-        self, loader: TrainLoader, encode: Encode
-    ) -> Iterator[tuple[HostBatch, dict[str, Tensor]]]:
-        for host_batch in loader:
-            tensors = encode(host_batch)
-            yield host_batch, {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-
-    def run_step(self, step_fn: Callable[..., Any], batch: Any, closure: Callable | None) -> Any:
-        out = step_fn(batch)
-        if closure is not None:
-            closure(out)
-        return out
-
     # -------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, directory: Path, state: CheckpointState) -> None:
@@ -223,7 +207,6 @@ class FsdpBackend(TorchDeviceBackend):
         return load_portable_checkpoint(directory, state, self)
 
     # -------------------------------------------------------------- RNG
-
 
     def seed(self, seed: int) -> None:
         # Each rank its own stream of training noise (masks, diffusion noise, caption drop);

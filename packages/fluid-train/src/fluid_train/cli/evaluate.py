@@ -16,6 +16,8 @@ from typing import Any
 from fluid_eval.cli import _run as exit_2_on_bad_input
 from fluid_eval.cli import add_eval_commands
 
+from .generate import add_model_argument, add_sampling_arguments, model_path, sampling_options
+
 
 def register(subparsers: Any) -> None:
     parser = add_eval_commands(subparsers)
@@ -28,15 +30,13 @@ def register(subparsers: Any) -> None:
 
 
 def _add_coco(sub: Any) -> None:
-    from fluid_train.cli.generate import add_sampling_arguments
-
     coco = sub.add_parser(
         "coco", help="zero-shot FID on MS-COCO 2014 (FID-30K): generate captions, score",
         description="Draw --num-pairs caption-image pairs (seeded) from a COCO captions file, generate "
         "one image per caption on every rank/device (resumable), compute FID against the real "
         "images center-cropped and resized to the model resolution, write OUT/report.json.",
     )  # fmt: skip
-    coco.add_argument("--model", required=True, help="pipeline directory or training run directory")
+    add_model_argument(coco)
     coco.add_argument("--captions", required=True, type=Path,
                       help="COCO captions file (annotations/captions_train2014.json layout)")  # fmt: skip
     coco.add_argument("--images", required=True, type=Path,
@@ -62,7 +62,6 @@ def _add_coco(sub: Any) -> None:
 def _coco(args: argparse.Namespace) -> int:
     import torch
 
-    from fluid_train.cli.generate import sampling_options
     from fluid_train.evaluation import coco_fid
     from fluid_train.sampling import prepare
 
@@ -75,7 +74,7 @@ def _coco(args: argparse.Namespace) -> int:
         pairs_seed=args.pairs_seed, seed=args.seed, batch_size=args.batch_size,
         feature=args.feature, inception_weights=args.inception_weights,
         fid_batch_size=args.fid_batch_size, fid_device=fid_device,
-        progress=not args.no_progress, options=options, model=_model_path(args.model),
+        progress=not args.no_progress, options=options, model=model_path(args.model),
     )  # fmt: skip
     if report is not None:
         print(f"FID-{report['num_images']} ({args.feature} features): {report['fid']:.4f}  "
@@ -93,7 +92,7 @@ def _add_loss(sub: Any) -> None:
         "(encoded by `fluid preprocess`, or image shards encoded with the pipeline's tokenizer "
         "and T5), under a fixed seed per shard, weighted by images; ranks split the shards.",
     )  # fmt: skip
-    loss.add_argument("--model", required=True, help="pipeline directory or training run directory")
+    add_model_argument(loss)
     loss.add_argument("--data", required=True, nargs="+",
                       help="held-out shards: paths, directories, globs, {a..b} patterns, URLs")  # fmt: skip
     loss.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
@@ -138,7 +137,7 @@ def _loss(args: argparse.Namespace) -> int:
         model = FluidModel.from_pretrained(find_pipeline(args.model), subfolder="model").to(device)
     result = shard_validation_loss(model, shards, batch_size=args.batch_size, seed=args.seed,
                                    device=device, encoders=encoders, processes=processes)  # fmt: skip
-    payload = {**result.to_dict(), "model": _model_path(args.model), "data": args.data}
+    payload = {**result.to_dict(), "model": model_path(args.model), "data": args.data}
     if processes.is_writer:
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,10 +147,3 @@ def _loss(args: argparse.Namespace) -> int:
                 f"({result.processes} processes)")  # fmt: skip
         print(json.dumps(payload, indent=2) if args.json else text)
     return 0
-
-
-def _model_path(model: str) -> str:
-    """The pipeline directory a --model names (a run resolves to RUN/pipeline), absolute."""
-    from fluid_train.pipeline import find_pipeline
-
-    return str(find_pipeline(model).resolve())

@@ -30,9 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model", required=True, help="pipeline directory or training run directory"
-    )
+    add_model_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", nargs="+", metavar="TEXT", help="one or more prompts")
     source.add_argument(
@@ -41,6 +39,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     add_sampling_arguments(parser)
     parser.set_defaults(func=exit_2_on_bad_input(run))
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model``: the trained pipeline of ``generate`` and ``eval coco | loss``."""
+    parser.add_argument(
+        "--model", required=True, help="pipeline directory or training run directory"
+    )
+
+
+def model_path(model: str) -> str:
+    """The pipeline directory a --model names (a run resolves to RUN/pipeline), absolute."""
+    from fluid_train.pipeline import find_pipeline
+
+    return str(find_pipeline(model).resolve())
 
 
 def add_sampling_arguments(
@@ -90,62 +102,56 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def generate_prompts(
-    pipeline: Any,
-    prompts: Sequence[str],
-    out: str | Path,
-    *,
-    images_per_prompt: int = 4,
-    batch_size: int = 16,
-    seed: int = 0,
-    progress: bool = True,
-    runner: Any = None,
-    model: str | None = None,
-    **options: Any,
-) -> list[Path]:
+    pipeline: Any, prompts: Sequence[str], out: str | Path, *, images_per_prompt: int = 4,
+    **settings: Any,
+) -> list[Path]:  # fmt: skip
     """Write ``images_per_prompt`` PNGs per prompt, ``index.jsonl`` and ``grid.png``; return the
-    PNGs. Resumable; spread over the processes of ``runner`` (see ``fluid_train.sampling``)."""
+    PNGs. ``settings`` as :func:`generate_layout`."""
     from fluid_train.sampling import PromptFiles
 
-    _check_counts(images_per_prompt, batch_size)
     layout = PromptFiles(out, prompts, images_per_prompt=images_per_prompt)
-    _run(layout, pipeline, runner, images_per_prompt=images_per_prompt, batch_size=batch_size,
-         seed=seed, progress=progress, model=model, options=options)  # fmt: skip
+    generate_layout(layout, pipeline, **settings)
     return layout.files()
 
 
 def generate_geneval(
+    pipeline: Any, metadata: str | Path, out: str | Path, *, images_per_prompt: int = 4,
+    **settings: Any,
+) -> Path:  # fmt: skip
+    """Generate for a GenEval metadata file in the official layout, plus ``grid.png``;
+    ``settings`` as :func:`generate_layout`."""
+    from fluid_eval import load_metadata
+    from fluid_train.sampling import GenEvalFolders
+
+    layout = GenEvalFolders(out, load_metadata(metadata), images_per_prompt=images_per_prompt)
+    # entry n is line n + 1 (load_metadata drops trailing blanks only)
+    names = [f"{metadata} line {n + 1}" for n in range(len(layout.prompts))]
+    generate_layout(layout, pipeline, names=names, **settings)
+    return Path(out)
+
+
+def generate_layout(
+    layout: Any,
     pipeline: Any,
-    metadata: str | Path,
-    out: str | Path,
     *,
-    images_per_prompt: int = 4,
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
     runner: Any = None,
     model: str | None = None,
+    names: Sequence[str] | None = None,
     **options: Any,
-) -> Path:
-    """Generate for a GenEval metadata file in the official layout, plus ``grid.png``;
-    resumable and spread over the processes of ``runner`` like :func:`generate_prompts`."""
-    from fluid_eval import load_metadata
-    from fluid_train.sampling import GenEvalFolders
-
-    _check_counts(images_per_prompt, batch_size)
-    layout = GenEvalFolders(out, load_metadata(metadata), images_per_prompt=images_per_prompt)
-    # entry n is line n + 1 (load_metadata drops trailing blanks only)
-    names = [f"{metadata} line {n + 1}" for n in range(len(layout.prompts))]
-    _run(layout, pipeline, runner, images_per_prompt=images_per_prompt, batch_size=batch_size,
-         seed=seed, progress=progress, model=model, options=options, names=names)  # fmt: skip
-    return Path(out)
-
-
-def _run(layout: Any, pipeline: Any, runner: Any, *, images_per_prompt: int, batch_size: int,
-         seed: int, progress: bool, model: str | None, options: dict[str, Any],
-         names: Sequence[str] | None = None) -> Any:  # fmt: skip
+) -> Any:
+    """Make every unfinished prompt of ``layout`` (``PromptFiles``, ``GenEvalFolders``: its
+    ``images_per_prompt`` images each) with ``pipeline``. Resumable; spread over the processes
+    of ``runner`` (see ``fluid_train.sampling``), else this process on the pipeline's device.
+    ``options``: GenerationConfig fields; ``names`` label the prompts in truncation warnings.
+    """
     from fluid_train.prompts import prompts_named
     from fluid_train.sampling import EagerSampler, Processes, run_generation, settings_record
 
+    images_per_prompt = layout.images_per_prompt
+    _check_counts(images_per_prompt, batch_size)
     if runner is None:  # a pipeline built in Python: this process, its device
         sampler = EagerSampler(pipeline, batch_size=batch_size, options=options)
         processes, backend = Processes.from_environment(), "eager"
@@ -179,7 +185,6 @@ def _check_counts(images_per_prompt: int, batch_size: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fluid_train.pipeline import find_pipeline
     from fluid_train.sampling import prepare
 
     options = sampling_options(args)
@@ -191,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "progress": not args.no_progress,
         "runner": runner,
-        "model": str(find_pipeline(args.model).resolve()),
+        "model": model_path(args.model),
         **options,
     }
     if args.metadata is not None:
