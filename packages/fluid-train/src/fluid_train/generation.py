@@ -144,6 +144,13 @@ class _Start:
     # or the KV cache holding them (raster). None with cache="off".
     text_kv: TextKV | None
     kv_cache: KVCache | None
+    # The captions' states as given: what cache="off" recomputes the text work from each step.
+    text_hidden: Tensor  # [B, L, D_t]
+    text_mask: Tensor  # [B, L] bool
+    cache: CacheMode
+    options: GenerationConfig
+    generator: torch.Generator | None
+    progress: bool  # show a bar
 
 
 def _start(
@@ -151,8 +158,10 @@ def _start(
     text_hidden: Tensor,
     text_mask: Tensor,
     options: GenerationConfig,
+    generator: torch.Generator | None = None,
     *,
     cache: CacheMode = "on",
+    progress: bool = False,
 ) -> _Start:
     """Sizes, guidance, the placeholder tokens and (cache="on") the text work, done once."""
     bsz, n, device = text_hidden.shape[0], model.config.num_tokens, text_hidden.device
@@ -172,6 +181,12 @@ def _start(
         tokens=_placeholder(model, bsz, device),
         text_kv=text_kv,
         kv_cache=kv_cache,
+        text_hidden=text_hidden,
+        text_mask=text_mask,
+        cache=cache,
+        options=options,
+        generator=generator,
+        progress=progress,
     )
 
 
@@ -211,50 +226,40 @@ def generate(
         if is_xla(text_hidden.device):  # fixed-shape loops, a few graphs (generation_xla.py)
             if cache != "on":
                 raise ValueError("cache='off' is an eager measurement mode; on XLA use 'on'")
-            run = (
-                generation_xla.generate_random_order
-                if config.order == "random"
-                else (generation_xla.generate_raster)
+            start = generation_xla.start(
+                model, text_hidden, text_mask, options, generator, progress=progress
             )
-            return run(model, text_hidden, text_mask, options, generator, progress=progress)
-        if config.order == "random":
-            return _generate_random_order(
+            random = generation_xla.generate_random_order
+            raster = generation_xla.generate_raster
+        else:
+            start = _start(
                 model, text_hidden, text_mask, options, generator, cache=cache, progress=progress
             )
-        return _generate_raster(
-            model, text_hidden, text_mask, options, generator, cache=cache, progress=progress
-        )
+            random, raster = _generate_random_order, _generate_raster
+        run = random if config.order == "random" else raster
+        return run(model, start)
     finally:
         model.train(was_training)
 
 
-def _generate_random_order(
-    model: FluidModel,
-    text_hidden: Tensor,
-    text_mask: Tensor,
-    options: GenerationConfig,
-    generator: torch.Generator | None,
-    *,
-    cache: CacheMode,
-    progress: bool,
-) -> Tensor:
-    start = _start(model, text_hidden, text_mask, options, cache=cache)
+def _generate_random_order(model: FluidModel, start: _Start) -> Tensor:
     bsz, n, device, guided, tokens = (
         start.batch, start.num_tokens, start.device, start.guided, start.tokens
     )  # fmt: skip
+    options, generator = start.options, start.generator
     schedule = reveal_schedule(n, options.num_steps)  # masked count after each step
     order = random_order(bsz, n, device=device, generator=generator)  # [B, N]
     mask = torch.ones(bsz, n, dtype=torch.bool, device=device)  # [B, N] True = still masked
     masked = n
     for step in _steps(
-        range(len(schedule)), total=len(schedule), progress=progress, desc="generate"
+        range(len(schedule)), total=len(schedule), progress=start.progress, desc="generate"
     ):
         masked_after = schedule[step]
         x = _stack(model.head.embed(tokens), guided)  # [B', N, D]
-        if cache == "on":
+        if start.cache == "on":
             h = model.trunk(x, _stack(mask, guided), text_kv=start.text_kv)  # [B', N, D]
         else:
-            text = _prepare_text(model, text_hidden, text_mask, guided=guided)
+            text = _prepare_text(model, start.text_hidden, start.text_mask, guided=guided)
             h = model.trunk(x, _stack(mask, guided), text.hidden, text.mask)  # [B', N, D]
         scale = cfg_scale(
             options.cfg, options.cfg_schedule, num_tokens=n, masked_after=masked_after
@@ -346,29 +351,19 @@ def _confidence_step(
     return tokens.scatter(1, positions, ids), mask.scatter(1, positions, False)
 
 
-def _generate_raster(
-    model: FluidModel,
-    text_hidden: Tensor,
-    text_mask: Tensor,
-    options: GenerationConfig,
-    generator: torch.Generator | None,
-    *,
-    cache: CacheMode,
-    progress: bool,
-) -> Tensor:
-    start = _start(model, text_hidden, text_mask, options, cache=cache)
-    n, guided, tokens = start.num_tokens, start.guided, start.tokens
+def _generate_raster(model: FluidModel, start: _Start) -> Tensor:
+    n, guided, tokens, options = start.num_tokens, start.guided, start.tokens, start.options
     x_prev = None
-    for i in _steps(range(n), total=n, progress=progress, desc="generate"):
-        if cache == "on":
+    for i in _steps(range(n), total=n, progress=start.progress, desc="generate"):
+        if start.cache == "on":
             h = model.trunk.step(x_prev, start.kv_cache)[:, 0]  # [B', D]
         else:
-            text = _prepare_text(model, text_hidden, text_mask, guided=guided)
+            text = _prepare_text(model, start.text_hidden, start.text_mask, guided=guided)
             x = _stack(model.head.embed(tokens[:, : i + 1]), guided)  # [B', i+1, D]; token i unseen
             h = model.trunk(x, text.hidden, text.mask)[:, i]  # [B', D]
         scale = cfg_scale(options.cfg, options.cfg_schedule, num_tokens=n, masked_after=n - i - 1)
         token = _sample_head(
-            model, h, guided=guided, scale=scale, options=options, generator=generator
+            model, h, guided=guided, scale=scale, options=options, generator=start.generator
         )
         token = token.to(tokens.dtype)  # [B] or [B, C]
         tokens[:, i] = token

@@ -136,22 +136,7 @@ def _head_sample(
     return model.head.sample(z, **kwargs)[:m]  # [M] or [M, C]
 
 
-def _start(
-    model: FluidModel,
-    text_hidden: Tensor,
-    text_mask: Tensor,
-    options: GenerationConfig,
-    generator: torch.Generator | None,
-) -> _Start:
-    """The loops' shared start (``generation._start``), once the generator is checked."""
-    from . import generation
-
-    _check_generator(generator)
-    _sync()  # ops pending from before (e.g. moving the model) get their own graph, not ours
-    return generation._start(model, text_hidden, text_mask, options)
-
-
-def generate_random_order(
+def start(
     model: FluidModel,
     text_hidden: Tensor,
     text_mask: Tensor,
@@ -159,10 +144,20 @@ def generate_random_order(
     generator: torch.Generator | None,
     *,
     progress: bool,
-) -> Tensor:
+) -> _Start:
+    """The loops' shared start (``generation._start``), once the generator is checked; what
+    ``generate`` hands ``generate_random_order`` / ``generate_raster``."""
+    from . import generation
+
+    _check_generator(generator)
+    _sync()  # ops pending from before (e.g. moving the model) get their own graph, not ours
+    return generation._start(model, text_hidden, text_mask, options, generator, progress=progress)
+
+
+def generate_random_order(model: FluidModel, start: _Start) -> Tensor:
     from .generation import _stack
 
-    start = _start(model, text_hidden, text_mask, options, generator)
+    options, generator, progress = start.options, start.generator, start.progress
     bsz, n, device, guided, tokens = (
         start.batch, start.num_tokens, start.device, start.guided, start.tokens
     )  # fmt: skip
@@ -267,18 +262,10 @@ def _confidence_step(
     return tokens, still
 
 
-def generate_raster(
-    model: FluidModel,
-    text_hidden: Tensor,
-    text_mask: Tensor,
-    options: GenerationConfig,
-    generator: torch.Generator | None,
-    *,
-    progress: bool,
-) -> Tensor:
+def generate_raster(model: FluidModel, start: _Start) -> Tensor:
     from .generation import _stack
 
-    start = _start(model, text_hidden, text_mask, options, generator)
+    options, generator, progress = start.options, start.generator, start.progress
     n, device, guided, tokens = start.num_tokens, start.device, start.guided, start.tokens
     _seed_device(generator, device)
     position = torch.zeros(1, dtype=torch.long, device=device)  # [1] the token being written
