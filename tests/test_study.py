@@ -11,6 +11,7 @@ import pytest
 from fluid_train.cli import main
 from fluid_train.config import GenerationConfig
 from fluid_train.experiments import (
+    VARIANTS,
     DemoSettings,
     SizeSpec,
     Stages,
@@ -21,6 +22,7 @@ from fluid_train.experiments import (
     run_study,
     steps_for_budget,
 )
+from fluid_train.model import FluidModel
 
 WORLD = WorldSettings(
     num_images=96,
@@ -71,12 +73,24 @@ def test_table_fits_and_figures(study):
     assert {f"{r['variant']}-{r['size']}" for r in results} == RUNS
     for r in results:
         assert r["steps"] == 4 and r["val_loss"] > 0 and r["fid"] > 0 and 0 <= r["geneval"] <= 1
+        assert r["fid_stderr"] > 0 and r["geneval_stderr"] >= 0 and r["images"] == 6
+        assert set(r["geneval_tasks_stderr"]) == set(r["geneval_tasks"])
+        # Tuned on the held-out prompts: every grid point scored, the chosen one the best.
+        assert len(r["tuning"]) == 2
+        best = max(r["tuning"], key=lambda t: t["geneval"])
+        assert r["inference"]["geneval"]["cfg"] == best["generation"]["cfg"]
+        # Fluid is also measured half way (milestones=(0.5,)); the others only at the end.
+        steps = [m["step"] for m in r["milestones"]]
+        assert steps == ([2] if r["variant"] == "random-continuous" else [])
+    by_label = {(r["variant"], r["size"]): r for r in results}
+    assert not by_label[("random-continuous-noreadout", "s")]["readout"]
+    assert by_label[("random-continuous", "s")]["readout"]
     by_run = {(r["variant"], r["size"]): r for r in results}
     # Larger trunk, more parameters; discrete and continuous losses are different objectives.
     assert (
         by_run[("random-continuous", "s")]["params"] > by_run[("random-continuous", "xs")]["params"]
     )
-    assert set(payload["fits"]) == set(TINY.variants)
+    assert set(payload["fits"]) == set(LABELS)
     for variant, fit in payload["fits"].items():
         pts = [r for r in results if r["variant"] == variant]
         (small, large) = sorted(pts, key=lambda r: r["params"])
@@ -85,13 +99,24 @@ def test_table_fits_and_figures(study):
             large["params"] / small["params"]
         )
         assert fit["exponent"] == pytest.approx(slope, rel=1e-6, abs=1e-9)
-    for figure in ("fig5", "fig6", "fig8", "fig9"):
+    # Figures 8 and 9 correlate Fluid's loss with its metrics along training (2 sizes x 2 steps).
+    assert set(payload["correlations"]) == {"fid", "geneval"}
+    assert payload["correlations"]["fid"]["num_points"] == 4
+    assert set(payload["findings"]) == {"a", "b", "c", "d", "readout"}
+    for k in "abcd":
+        assert payload["findings"][k]["verdict"] in (
+            "reproduced", "partly reproduced", "not reproduced", "not measurable"
+        )  # fmt: skip
+    assert len(payload["findings"]["readout"]) == 2  # one line per size
+    assert set(payload["chance"]) and 0 <= payload["ground_truth_geneval"] <= 1
+    for figure in ("fig5", "fig6", "fig8", "fig9", "fig13"):
         assert (out / next(p for p in payload["plots"].values() if figure in p)).is_file()
     table = (out / "results.md").read_text()
-    assert table == format_table(results, payload["fits"])
+    assert table.startswith(format_table(results, payload["fits"]))
+    assert "| finding | paper | miniature | verdict |" in table
     assert table.count("| raster-discrete |") == 3  # two runs + one fit row
     saved = json.loads((out / "results.json").read_text())
-    assert saved["steps"] == 4 and len(saved["results"]) == 4
+    assert saved["steps"] == 4 and len(saved["results"]) == 6
 
 
 @pytest.mark.slow
@@ -102,8 +127,10 @@ def test_resume_keeps_finished_runs(study):
     log: list[str] = []
     again = run_study(out, settings=TINY, log=log.append)
     kept = [line for line in log if "finished earlier, kept" in line]
-    trained = [line for line in log if line.endswith(": training")]
-    assert len(kept) == 3 and trained == ["[study] random-continuous s: training"]
+    trained = [line for line in log if ": training " in line]
+    assert len(kept) == 5 and len(trained) == 1 and "random-continuous-s: training" in trained[0]
+    # Its milestone had been measured and is kept; only the rest of the training runs.
+    assert not any("random-continuous-s step 2:" in line for line in log)
     before = {(r["variant"], r["size"]): r["val_loss"] for r in payload["results"]}
     after = {(r["variant"], r["size"]): r["val_loss"] for r in again["results"]}
     assert after == pytest.approx(before, rel=1e-5)  # same seed, same cache: the same run
@@ -131,19 +158,56 @@ def test_budget_picks_steps_from_the_slowest_run(study):
     assert 1 <= short < long
 
 
-def test_defaults_are_the_readme_tables_settings():
-    """The study's world and recipe are pinned: the demo's settings can move without changing
-    what `fluid study` measures (64 px free layout, 8x8 tokens, 300-step VAE, batch 32, paper
-    objective, CFG 3 at temperature 1)."""
+def test_defaults_train_every_variant_on_the_demo_world_and_recipe():
+    """The README's study: the demo's world (cells, 32 px, 4x4 tokens) and recipe (sin-cos
+    positions, batch 64) for all four variants; Fluid also without its readout loss, and
+    measured along training; three sizes smallest first."""
     settings = StudySettings()
-    assert settings.world.image_size == 64 and settings.world.vae_steps == 300
-    assert settings.world.num_images == 8000 and settings.train.batch_size == 32
-    assert settings.world.layout == "free"  # objects placed freely, not one per token cell
-    assert (settings.train.generation.cfg, settings.train.generation.temperature) == (3.0, 1.0)
-    for size in settings.sizes:
-        config = settings.run_settings(size).model_config(tokens="continuous", order="random")
-        assert config.grid == (8, 8) and config.image_size == 64
-        assert config.backbone.pos_init == "normal"
-        assert config.diffloss.regression_weight == 0.0
-    m = settings.run_settings(SizeSpec("m", "shapes-m")).model_config()
-    assert (m.backbone.width, m.backbone.depth) == (128, 4)
+    assert settings.world == WorldSettings() and settings.world.layout == "cells"
+    assert settings.train.batch_size == 64 and settings.steps == 6000
+    assert settings.train.num_prompts * settings.train.samples_per_prompt >= 384
+    runs = settings.runs()
+    assert len(runs) == 15 and [r.size.name for r in runs[::5]] == ["xs", "s", "m"]
+    assert {r.label for r in runs} == {*VARIANTS, "random-continuous-noreadout"}
+    params = []
+    for run in runs:
+        config = settings.run_settings(run.size, readout=run.readout).model_config(
+            tokens=run.tokens, order=run.order
+        )
+        assert config.grid == (4, 4) and config.backbone.pos_init == "sincos"
+        if run.tokens == "continuous":
+            assert config.diffloss.regression_weight == (1.0 if run.readout else 0.0)
+        assert run.milestones == ((1500, 3000) if run.label == "random-continuous" else ())
+        if run.label == "random-continuous":
+            params.append(FluidModel.count_params(config).total)
+    assert params == sorted(params) and params[-1] > 4 * params[0]
+    assert len(settings.tuning_grid()) == 4
+
+
+def test_settings_errors_name_the_field():
+    with pytest.raises(ValueError, match="no_readout"):
+        StudySettings(no_readout=("random-discrete",))
+    with pytest.raises(ValueError, match="milestones"):
+        StudySettings(milestones=(1.5,))
+    with pytest.raises(ValueError, match="milestone_variants"):
+        StudySettings(milestone_variants=("random-pixels",))
+
+
+def test_a_run_is_taken_by_one_worker_and_a_dead_workers_lock_is_taken_over(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from fluid_train.experiments.study import _claim, _release
+
+    run = tmp_path / "runs" / "random-continuous-xs"
+    assert _claim(run) is None  # taken by this process
+    holder = _claim(run)  # a second claim (another worker) finds it held
+    assert holder == {"pid": os.getpid(), "host": socket.gethostname()}
+    _release(run)
+    # A lock left by a process that has exited is stale: the run is taken over.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)  # fmt: skip
+    (run / "worker.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))  # fmt: skip
+    assert _claim(run) is None
+    assert json.loads((run / "worker.lock").read_text())["pid"] == os.getpid()

@@ -148,3 +148,25 @@ def test_coco_pairs_are_a_seeded_draw_of_distinct_images(tmp_path) -> None:
     path.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="expected COCO captions JSON"):
         fid.sample_coco_pairs(path, num=1)
+
+
+def test_frechet_distance_of_shifted_gaussians_is_the_squared_shift() -> None:
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(20000, 3))
+    shift = np.array([1.0, -2.0, 0.5])
+    # Same covariance: the trace term vanishes and the distance is |shift|^2 = 5.25.
+    assert fid.frechet_distance(real, real + shift) == pytest.approx(5.25, abs=0.05)
+    scaled = fid.frechet_distance(real, 2.0 * real)  # tr(I + 4I - 2*2I) = 3
+    assert scaled == pytest.approx(3.0, abs=0.05)
+
+
+def test_bootstrap_stderr_keeps_the_fid_and_measures_its_spread(sets) -> None:
+    plain = fid.compute_fid(sets["a"], sets["b"])
+    measured = fid.compute_fid(sets["a"], sets["b"], resamples=20)
+    assert plain.stderr is None
+    assert measured.fid == pytest.approx(plain.fid, rel=1e-6)  # the point estimate is unchanged
+    assert measured.stderr is not None and 0 < measured.stderr < plain.fid
+    few = fid.compute_fid(sets["a"][:24], sets["b"][:24], resamples=20)
+    assert few.stderr > measured.stderr  # fewer images, noisier FID
+    with pytest.raises(ValueError, match="resamples"):
+        fid.compute_fid(sets["a"], sets["b"], resamples=1)

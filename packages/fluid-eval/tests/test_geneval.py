@@ -248,3 +248,21 @@ def test_results_are_written_in_the_official_format(ground_truth_dir, tmp_path, 
     assert geneval.summarize(report.results[:8]).tasks == {"single_object": 1.0}
     with pytest.raises(ValueError, match="no images were scored"):
         geneval.summarize([])
+
+
+def test_standard_errors_are_binomial_per_task_and_combined_for_the_mean() -> None:
+    import math
+
+    from fluid_eval.geneval import ImageResult, summarize
+
+    def result(tag: str, correct: bool, n: int) -> ImageResult:
+        return ImageResult(f"{tag}{n}.png", tag, f"p{n}", correct, "", {"tag": tag, "n": n}, {})
+
+    results = [result("a", i < 3, i) for i in range(4)] + [result("b", i < 1, i) for i in range(10)]
+    report = summarize(results)
+    se = report.standard_errors()
+    assert se["tasks"]["a"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
+    assert se["tasks"]["b"] == pytest.approx(math.sqrt(0.1 * 0.9 / 10))
+    assert se["overall"] == pytest.approx(math.hypot(se["tasks"]["a"], se["tasks"]["b"]) / 2)
+    # A task every image got right (or wrong) has no binomial spread.
+    assert summarize([result("c", True, i) for i in range(3)]).standard_errors()["overall"] == 0

@@ -111,3 +111,17 @@ def test_load_points_reads_json_and_jsonl_and_names_bad_files(tmp_path) -> None:
         scaling.load_points(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="none.json"):
         scaling.load_points(tmp_path / "none.json")
+
+
+def test_geneval_family_bars_are_drawn_per_variant(tmp_path) -> None:
+    from fluid_eval.scaling import plot_geneval_families
+
+    scores = {
+        "random": {"position": 0.5, "counting": 0.4},
+        "raster": {"position": 0.2, "counting": 0.3},
+    }
+    errors = {"random": {"position": 0.05, "counting": 0.04}}
+    path = plot_geneval_families(scores, tmp_path / "fig13.png", errors=errors)
+    assert path.is_file() and path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no GenEval scores"):
+        plot_geneval_families({}, tmp_path / "empty.png")

@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
     parser.add_argument("--cache", default=None, help="cache directory (default: OUT/cache)")
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of this process (default: the cores not busy now); with several "
+        "workers on one OUT, e.g. one per core with --threads 1",
+    )
     parser.set_defaults(func=run)
 
 
@@ -77,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.steps is not None:
             settings = dataclasses.replace(settings, steps=args.steps)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {args.threads}")
         if args.budget is not None and not args.budget > 0:
             raise ValueError(f"--budget must be > 0 minutes; got {args.budget}")
     except ValueError as error:
@@ -87,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from fluid_train.experiments.study import run_study
 
     quiet_libraries()
-    configure_cpu()
+    configure_cpu(args.threads)
     run_study(
         args.out,
         settings=settings,

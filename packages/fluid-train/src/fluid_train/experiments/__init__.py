@@ -8,6 +8,7 @@ They use fluid-train's public API only (presets, the trainer, the pipeline, prep
 - ``world``      stages 1-4: data, tokenizers, text, encoded shards
 - ``evaluation`` GenEval, FID and chance levels of a trained pipeline; plots
 - ``demo``       ``run_demo``; ``study``: ``run_study``
+- ``findings``   the paper's four findings tested on a study's results, with verdicts
 - ``machine``    process settings (threads) for the command line's entry
 """
 
@@ -22,13 +23,15 @@ _LAZY = {
         "VARIANTS",
         "DemoSettings",
         "SizeSpec",
+        "StudyRun",
         "StudySettings",
         "WorldSettings",
         "demo_settings",
     ),
     "cache": ("CacheEntry", "StageCache", "Stages"),
     "world": ("World", "build_world"),
-    "evaluation": ("evaluate_pipeline", "plot_loss", "read_metrics"),
+    "evaluation": ("PromptSet", "chance_levels", "evaluate_pipeline", "plot_loss", "read_metrics"),
+    "findings": ("findings", "format_findings"),
     "demo": ("DemoReport", "run_demo", "train_model"),
     "study": ("format_table", "run_study", "steps_for_budget"),
     "machine": ("auto_threads", "configure_cpu"),

@@ -104,6 +104,11 @@ def train_model(
         time_limit_s=time_limit_s,
     )
     result = train(config)
+    if result.preempted is not None:
+        raise KeyboardInterrupt(
+            f"training {run} was stopped by {result.preempted} after step {result.step}; its "
+            f"checkpoint {result.checkpoint} is kept (the study resumes from it)"
+        )
     if result.pipeline is None:
         raise RuntimeError(f"training {run} exported no pipeline")
     return result

@@ -24,6 +24,11 @@ The ``milestone_variants`` (Fluid) are also measured at ``milestones`` of their 
 
 Resumable: a run with a ``result.json`` written under the same settings is kept, an evaluated
 milestone is kept, and an interrupted training continues from its newest checkpoint.
+
+Several workers (``fluid study`` started more than once on the same ``DIR``, e.g. one per
+core with ``--threads 1``) share the runs: each takes a run by creating its ``worker.lock``
+(a lock whose process has died on this host is taken over), and every worker writes the
+report once all runs are finished.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,6 +55,7 @@ from .world import World, build_world
 __all__ = ["format_table", "run_study", "steps_for_budget"]
 
 CKPT_EVERY = 1000  # steps between a run's checkpoints (what an interruption can lose)
+WAIT_S = 30.0  # how often a worker with nothing left looks for the others' results
 
 
 # ------------------------------------------------------------------------------ timing
@@ -294,6 +301,51 @@ def _run_one(
     return result, (train_s or None), eval_s
 
 
+# ------------------------------------------------------------------------------ workers
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the worker that wrote a lock still runs (a lock from another host counts as
+    alive: its process cannot be asked from here)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True
+    return True
+
+
+def _claim(run_dir: Path) -> dict[str, Any] | None:
+    """Take ``run_dir`` for this process (``worker.lock``, created exclusively); a lock whose
+    process is gone is taken over. Returns None when taken, else the live holder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "worker.lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}  # being written right now: alive
+            if holder and not _alive(holder):
+                lock.unlink(missing_ok=True)  # its worker died: take the run over
+                continue
+            return holder or {"pid": "?", "host": "?"}
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return None
+    return {"pid": "?", "host": "?"}
+
+
+def _release(run_dir: Path) -> None:
+    (run_dir / "worker.lock").unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------ reporting
 
 
@@ -401,26 +453,48 @@ def run_study(
         {r.name: step_s[(r.size.name, r.tokens)] * settings.steps for r in runs},
         {r.name: len(r.milestones) + 1 for r in runs},
     )
-    results: list[dict[str, Any]] = []
-    for n, run in enumerate(runs, 1):
-        key = json.loads(json.dumps({**record, "run": dataclasses.asdict(run)}, default=str))
-        result_file = out / "runs" / run.name / "result.json"
-        done = _read_if(result_file, key)
-        if done is not None:
-            log(f"[study] {n}/{len(runs)} {run.name}: finished earlier, kept")
-            results.append(done)
-            continue
-        left = sum(clock.estimate(r.name) for r in runs[n - 1 :])
-        eta = time.strftime("%H:%M", time.localtime(time.time() + left))
-        log(
-            f"[study] {n}/{len(runs)} {run.name}: training {settings.steps} steps, "
-            f"~{_minutes(clock.estimate(run.name))}; the study's remaining runs "
-            f"~{_minutes(left)}, ETA {eta}"
-        )
-        result, train_s, eval_s = _run_one(run, settings, world, out, key, cache=cache, seed=seed, log=log, progress=progress)  # fmt: skip
-        clock.record(run.name, train_s, eval_s)
-        _write(result_file, key, result)
-        results.append(result)
+    found: dict[str, dict[str, Any]] = {}
+    pending, first_pass, announced = list(enumerate(runs, 1)), True, set()
+    while pending:
+        waiting = []
+        for n, run in pending:
+            key = json.loads(json.dumps({**record, "run": dataclasses.asdict(run)}, default=str))
+            result_file = out / "runs" / run.name / "result.json"
+            done = _read_if(result_file, key)
+            if done is not None:
+                how = "finished earlier, kept" if first_pass else "finished by another worker"
+                log(f"[study] {n}/{len(runs)} {run.name}: {how}")
+                found[run.name] = done
+                continue
+            holder = _claim(out / "runs" / run.name)
+            if holder is not None:  # another worker trains it; its result is read later
+                if run.name not in announced:
+                    log(f"[study] {n}/{len(runs)} {run.name}: trained by worker {holder['pid']} on {holder['host']}")  # fmt: skip
+                    announced.add(run.name)
+                waiting.append((n, run))
+                continue
+            try:
+                done = _read_if(result_file, key)  # finished while this worker claimed it
+                if done is None:
+                    left = sum(clock.estimate(r.name) for _, r in pending if r.name not in found)
+                    eta = time.strftime("%H:%M", time.localtime(time.time() + left))
+                    log(
+                        f"[study] {n}/{len(runs)} {run.name}: training {settings.steps} steps, "
+                        f"~{_minutes(clock.estimate(run.name))}; this worker's remaining runs "
+                        f"~{_minutes(left)}, ETA {eta}"
+                    )
+                    done, train_s, eval_s = _run_one(run, settings, world, out, key, cache=cache, seed=seed, log=log, progress=progress)  # fmt: skip
+                    clock.record(run.name, train_s, eval_s)
+                    _write(result_file, key, done)
+                found[run.name] = done
+            finally:
+                _release(out / "runs" / run.name)
+        if waiting and (first_pass or len(waiting) < len(pending)):
+            log(f"[study] waiting for {len(waiting)} run(s) other workers are training")
+        pending, first_pass = waiting, False
+        if pending:
+            time.sleep(WAIT_S)
+    results = [found[r.name] for r in runs]
 
     report = _figures(results, out)
     eval_set = PromptSet(settings.train.num_prompts, settings.train.samples_per_prompt)
