@@ -71,6 +71,18 @@ def test_each_broken_claim_is_caught():
     disc = next(r for r in b if (r["variant"], r["size"]) == ("random-discrete", "xs"))
     cont["fid"] = disc["fid"] - 0.1  # within 2 x sqrt(0.1^2 + 0.1^2)
     assert findings(b, CORRELATED)["b"]["verdict"] == "partly reproduced"
+    # ... continuous ahead at the smallest size only, and worse as it grows: still partly
+    b = copy.deepcopy(results)
+    for order in ("random", "raster"):
+        for size, behind in (("s", 1.0), ("m", 2.0)):
+            cont = next(r for r in b if (r["variant"], r["size"]) == (f"{order}-continuous", size))
+            disc = next(r for r in b if (r["variant"], r["size"]) == (f"{order}-discrete", size))
+            cont["fid"] = disc["fid"] + behind
+    assert findings(b, CORRELATED)["b"]["verdict"] == "partly reproduced"
+    for r in b:  # behind everywhere and scaling worse: nothing of the claim remains
+        if r["variant"].endswith("-continuous"):
+            r["fid"] = {"xs": 9.0, "s": 10.0, "m": 11.0}[r["size"]]
+    assert findings(b, CORRELATED)["b"]["verdict"] == "not reproduced"
     # (c) raster order as good as random everywhere: nothing of the claim remains
     c = copy.deepcopy(results)
     for r in c:

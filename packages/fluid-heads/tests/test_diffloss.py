@@ -355,8 +355,7 @@ def test_regression_readout_exists_only_when_weighted_and_is_counted():
     plain = sum(p.numel() for p in DiffLossHead(16, 32).parameters())
     assert sum(p.numel() for p in head.parameters()) == plain + 32 * 16 + 16  # the readout
     assert (
-        DiffLossHead.from_config(16, 32, DiffLossConfig(regression_weight=0.5)).readout
-        is not None
+        DiffLossHead.from_config(16, 32, DiffLossConfig(regression_weight=0.5)).readout is not None
     )
     with pytest.raises(ValueError, match="regression_weight"):
         DiffLossHead(16, 32, regression_weight=-1.0)
@@ -375,6 +374,8 @@ def test_loss_adds_the_weighted_masked_readout_error(randomize):
     total = aux.loss(target, z, mask)
     error = (aux.readout(z) - target).pow(2).mean(dim=1)[mask].mean()
     torch.testing.assert_close(total, diffusion + 2.5 * error)
+    torch.manual_seed(0)  # readout=False: the diffusion loss alone, as the plain head's
+    torch.testing.assert_close(aux.loss(target, z, mask, readout=False), diffusion)
 
 
 def test_readout_gives_the_condition_a_gradient_where_the_diffusion_loss_gives_none():

@@ -61,11 +61,12 @@ class _HeadLossSpy:
     def __init__(self, head):
         self.calls, self._loss = [], head.loss
 
-    def __call__(self, target, h, mask=None):
+    def __call__(self, target, h, mask=None, **options):
         self.calls.append(
             (target.detach().clone(), None if mask is None else mask.detach().clone())
         )
-        return self._loss(target, h, mask)
+        self.options = options
+        return self._loss(target, h, mask, **options)
 
 
 @pytest.mark.parametrize("order", ["random", "raster"])
@@ -104,6 +105,22 @@ def test_continuous_targets_are_posterior_samples(tiny_config, tiny_train_batch)
         TrainBatch(tokens=batch.tokens, text_hidden=batch.text_hidden, text_mask=batch.text_mask)
     )
     assert torch.equal(spy.calls[1][0].view_as(batch.tokens), batch.tokens)  # no std: the mean
+
+
+def test_validation_objective_leaves_the_readout_term_out(tiny_config, tiny_train_batch):
+    """``auxiliary=False``: the DiffLoss head's loss without its readout term, same draws."""
+    config = tiny_config("continuous", "random", **{"diffloss.regression_weight": 1.0})
+    model = FluidModel(config)
+    batch = tiny_train_batch(config, 8)
+    spy = _HeadLossSpy(model.head)
+    model.head.loss = spy
+    torch.manual_seed(0)
+    full = model.training_loss(batch).loss
+    assert spy.options == {"readout": True}
+    torch.manual_seed(0)
+    plain = model.training_loss(batch, auxiliary=False).loss
+    assert spy.options == {"readout": False}
+    assert plain < full  # the readout's squared error (> 0 at random init) is left out
 
 
 def test_text_dropout_replaces_captions_by_the_null_text(tiny_config, tiny_train_batch):

@@ -270,7 +270,9 @@ def compute_fid(
     """FID between two image sets (tensors in ``[-1, 1]``, folders, file lists or batches).
 
     ``resamples > 1`` also measures the FID's bootstrap standard error (``stderr``): the
-    features of both sets are kept and the distance recomputed on ``resamples`` redraws."""
+    features of both sets are kept (extracted once, by the metric's own network and
+    preprocessing), the FID is their :func:`frechet_distance`, and the distance is recomputed
+    on ``resamples`` redraws."""
     if resamples == 1 or resamples < 0:
         raise ValueError(f"resamples must be 0 (no standard error) or >= 2; got {resamples}")
     metric = make_fid(feature, weights_path=weights_path, seed=seed, device=device)
@@ -283,9 +285,10 @@ def compute_fid(
             source, batch_size=batch_size, image_size=image_size, skipped=skipped
         ):
             batch = batch.to(metric.device)
-            metric.update(batch, real=is_real)
             if resamples:
-                kept[name].append(_features(metric, batch))
+                kept[name].append(_features(metric, batch))  # [b, D]
+            else:
+                metric.update(batch, real=is_real)
             count += len(batch)
         if count < 2:
             raise ValueError(f"FID needs at least 2 {name} images; got {count}")
@@ -294,14 +297,13 @@ def compute_fid(
         warnings.warn(
             f"{len(skipped)} unreadable images skipped; first: {skipped[0]}", stacklevel=2
         )
-    stderr = None
-    if resamples:
-        stderr = _bootstrap_stderr(
-            np.concatenate(kept["real"]), np.concatenate(kept["fake"]), resamples, seed
-        )
+    if not resamples:
+        return FIDResult(float(metric.compute()), counts["real"], counts["fake"], tuple(skipped))
+    real_features, fake_features = np.concatenate(kept["real"]), np.concatenate(kept["fake"])
     return FIDResult(
-        float(metric.compute()), counts["real"], counts["fake"], tuple(skipped), stderr
-    )
+        frechet_distance(real_features, fake_features), counts["real"], counts["fake"],
+        tuple(skipped), _bootstrap_stderr(real_features, fake_features, resamples, seed),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -284,20 +284,24 @@ class DiffLossHead(nn.Module):
             )
         return self.token_embed(tokens.to(self.token_embed.weight.dtype))
 
-    def loss(self, target: Tensor, z: Tensor, mask: Tensor | None = None) -> Tensor:
+    def loss(
+        self, target: Tensor, z: Tensor, mask: Tensor | None = None, *, readout: bool = True
+    ) -> Tensor:
         """Mask-weighted mean hybrid diffusion loss (+ ``regression_weight`` × the readout's
-        mask-weighted mean squared error, when set).
+        mask-weighted mean squared error, when set and ``readout``).
 
         Args:
             target: tokens ``[M, C]`` (any leading shape ``[..., C]`` is flattened).
             z: conditions ``[M, D]`` with the same leading shape.
             mask: ``[M]`` bool/float weights (True/1 = the token counts), or None for all.
+            readout: False leaves the auxiliary term out: the paper's objective alone, what
+                runs trained with and without it are compared on.
         """
         target, z, weights = self._check_loss_inputs(target, z, mask)
         if self.training:
             self._track_target_range(target, weights)
         regression = None
-        if self.readout is not None:
+        if self.readout is not None and readout:
             error = (self.readout(z).float() - target.float()).pow(2).mean(dim=1)  # [M]
             regression = self.config.regression_weight * _weighted_mean(error, weights)
         k = self.config.diffusion_batch_mul

@@ -159,8 +159,10 @@ class FluidModel(nn.Module):
                 f"{tokens.shape[0]}; got {list(batch.text_hidden.shape)} and {list(batch.text_mask.shape)}"
             )
 
-    def training_loss(self, batch: TrainBatch) -> LossOutput:
-        """The training objective of this variant on one batch (fixed shapes, no host syncs)."""
+    def training_loss(self, batch: TrainBatch, *, auxiliary: bool = True) -> LossOutput:
+        """The training objective of this variant on one batch (fixed shapes, no host syncs);
+        ``auxiliary=False`` leaves out the DiffLoss head's readout term (the paper's objective,
+        e.g. for validation loss)."""
         self._check_batch(batch)
         cfg = self.config
         tokens = batch.tokens
@@ -185,7 +187,11 @@ class FluidModel(nn.Module):
             mask_ratio = torch.ones((), device=device)
 
         target = tokens.reshape(bsz * n, *tokens.shape[2:])  # [B*N] or [B*N, C]
-        loss = self.head.loss(target, h.reshape(bsz * n, -1), weight)
+        z = h.reshape(bsz * n, -1)
+        if cfg.tokens == "continuous":  # the readout term is the DiffLoss head's alone
+            loss = self.head.loss(target, z, weight, readout=auxiliary)
+        else:
+            loss = self.head.loss(target, z, weight)
         return LossOutput(
             loss=loss,
             mask_ratio=mask_ratio.detach(),

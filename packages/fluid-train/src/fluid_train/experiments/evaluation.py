@@ -170,16 +170,29 @@ def evaluate_pipeline(
             "generated": str(generated),
         }
         if chance:
-            result["ground_truth_geneval"] = score_folder(truth, detector, metadata_file=metadata_file).overall  # fmt: skip
-            result["chance"] = _chance(
-                metadata, detector, samples=k, size=world.image_size,
-                layout=world.layout_config(), seed=seed,
-            )  # fmt: skip
+            result["chance"], result["ground_truth_geneval"] = _reference_scores(
+                metadata_file, truth, detector, samples=k, world=world, seed=seed
+            )
     return result
 
 
+def _reference_scores(
+    metadata_file: Path, truth: Path, detector: Any, *, samples: int, world: WorldSettings,
+    seed: int,
+) -> tuple[dict[str, float], float]:  # fmt: skip
+    """A prompt set's per-family chance levels and its ground-truth renders' own score."""
+    from fluid_eval import score_folder
+    from fluid_eval.geneval import load_metadata
+
+    chance = _chance(
+        load_metadata(metadata_file), detector, samples=samples, size=world.image_size,
+        layout=world.layout_config(), seed=seed,
+    )  # fmt: skip
+    return chance, score_folder(truth, detector, metadata_file=metadata_file).overall
+
+
 def chance_levels(
-    settings: DemoSettings,
+    world: WorldSettings,
     prompts: PromptSet,
     *,
     cache: str | os.PathLike,
@@ -188,18 +201,13 @@ def chance_levels(
 ) -> tuple[dict[str, float], float]:
     """Per-family chance levels of a prompt set and its ground-truth renders' own score (the
     detector's ceiling): the same for every model judged on it."""
-    from fluid_eval import ShapesDetector, score_folder
-    from fluid_eval.geneval import load_metadata
+    from fluid_eval import ShapesDetector
 
     stages = stages or Stages(print)
-    world = settings.world
     metadata_file, truth = prompts.build(cache, world, seed=seed, stages=stages)
-    detector = ShapesDetector()
-    chance = _chance(
-        load_metadata(metadata_file), detector, samples=prompts.samples, size=world.image_size,
-        layout=world.layout_config(), seed=seed,
-    )  # fmt: skip
-    return chance, score_folder(truth, detector, metadata_file=metadata_file).overall
+    return _reference_scores(
+        metadata_file, truth, ShapesDetector(), samples=prompts.samples, world=world, seed=seed
+    )
 
 
 def contact_grid(

@@ -33,12 +33,18 @@ def _quad(*errors: float | None) -> float:
     return math.sqrt(sum((e or 0.0) ** 2 for e in errors))
 
 
-def _verdict(hits: int, total: int) -> str:
-    if total == 0:
+def _verdict(conditions: Sequence[bool], *, partial: bool | None = None) -> str:
+    """Reproduced when every condition of a finding holds; partly when some of its evidence
+    does (``partial``, default: any condition); not measurable without conditions."""
+    if not conditions:
         return "not measurable"
-    if hits == total:
+    if all(conditions):
         return "reproduced"
-    return "partly reproduced" if hits else "not reproduced"
+    return (
+        "partly reproduced"
+        if (any(conditions) if partial is None else partial)
+        else "not reproduced"
+    )
 
 
 def _by(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -52,7 +58,7 @@ def _sizes(results: Sequence[dict[str, Any]]) -> list[str]:
 def _power_law(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     from fluid_eval.scaling import fit_power_law
 
-    lines, hits, total = [], 0, 0
+    lines, oks = [], []
     for variant in dict.fromkeys(r["variant"] for r in results):
         group = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["params"])
         if len(group) < 2:
@@ -71,8 +77,7 @@ def _power_law(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             math.isnan(fit.exponent_stderr) or fit.exponent + Z * fit.exponent_stderr < 0
         )
         ok = all(lower) and steep and (fit.num_points < 3 or fit.r_squared >= 0.9)
-        total += 1
-        hits += ok
+        oks.append(ok)
         se = "" if math.isnan(fit.exponent_stderr) else f" ± {fit.exponent_stderr:.4f}"
         lines.append(
             f"{variant}: b = {fit.exponent:.4f}{se}, R² {fit.r_squared:.3f}; "
@@ -80,8 +85,8 @@ def _power_law(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         )
     return {
         "miniature": lines,
-        "verdict": _verdict(hits, total),
-        "passed": f"{hits}/{total} variants",
+        "verdict": _verdict(oks),
+        "passed": f"{sum(oks)}/{len(oks)} variants",
     }
 
 
@@ -111,11 +116,10 @@ def _continuous_vs_discrete(results: Sequence[dict[str, Any]]) -> dict[str, Any]
                 f"; FID ∝ N^b: b {fc.exponent:+.3f} (continuous) vs {fd.exponent:+.3f} (discrete)"
             )
         lines.append(line)
-    hits = (wins == total) + (slopes_total > 0 and slopes_better == slopes_total)
-    verdict = _verdict(hits, 2 if total else 0)
+    conditions = [wins == total, slopes_total > 0 and slopes_better == slopes_total]
     return {
         "miniature": lines,
-        "verdict": verdict,
+        "verdict": _verdict(conditions if total else [], partial=wins > 0 or slopes_better > 0),
         "passed": f"continuous lower at {wins}/{total} (order, size) pairs; scales better for "
         f"{slopes_better}/{slopes_total} orders",
     }
@@ -147,15 +151,9 @@ def _random_vs_raster(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             + ", ".join(f"{f} {mean_gain[f]:+.3f}" for f in ranked)
         )
     most = set(ranked[:2]) == {"position", "counting"}
-    if not total:
-        verdict = "not measurable"
-    elif wins == total and most:
-        verdict = "reproduced"
-    else:
-        verdict = "partly reproduced" if wins or most else "not reproduced"
     return {
         "miniature": lines,
-        "verdict": verdict,
+        "verdict": _verdict([wins == total, most] if total else [], partial=wins > 0 or most),
         "passed": f"random higher beyond noise at {wins}/{total} (token kind, size) pairs; "
         f"largest gains: {', '.join(ranked[:2]) or 'none'}",
     }
@@ -163,19 +161,18 @@ def _random_vs_raster(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _correlation(results: Sequence[dict[str, Any]], correlations: dict[str, Any]) -> dict[str, Any]:
     points = sum(len(r["milestones"]) + 1 for r in results if r["milestones"])
-    lines, hits = [], 0
+    lines, oks = [], []
     for metric, sign in (("fid", 1), ("geneval", -1)):
         c = correlations.get(metric)
         if c is None:
             continue
-        ok = sign * c["r"] > 0 and c["p_value"] < 0.05
-        hits += ok
+        oks.append(sign * c["r"] > 0 and c["p_value"] < 0.05)
         lines.append(f"val loss vs {metric}: Pearson r {c['r']:+.3f} (p {c['p_value']:.2g})")
     lines.append(f"over {points} checkpoints (sizes x training steps)")
     return {
         "miniature": lines,
-        "verdict": _verdict(hits, len(correlations)),
-        "passed": f"{hits}/{len(correlations)} metrics correlate in the paper's direction (p < 0.05)",
+        "verdict": _verdict(oks),
+        "passed": f"{sum(oks)}/{len(oks)} metrics correlate in the paper's direction (p < 0.05)",
     }
 
 

@@ -131,6 +131,19 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def _study_clock(
+    settings: StudySettings, world: World, runs: Sequence[StudyRun], tokens: Sequence[str]
+) -> _Clock:
+    """The ETA's clock: one step-time probe per (size, token kind)."""
+    step_s = {
+        (size.name, t): _step_seconds(settings, world, size, t) for size in settings.sizes for t in tokens
+    }  # fmt: skip
+    return _Clock(
+        {r.name: step_s[(r.size.name, r.tokens)] * settings.steps for r in runs},
+        {r.name: len(r.milestones) + 1 for r in runs},
+    )
+
+
 # ------------------------------------------------------------------------------ measuring
 
 
@@ -154,45 +167,33 @@ def _val_batches(shards: Sequence[str], batch_size: int) -> Iterator[Any]:
         yield collate(items)
 
 
-def _validation_loss(
-    pipeline_dir: Path, val_shards: Sequence[str], batch_size: int
-) -> tuple[float, float]:
-    """The held-out training objective and its standard error; for the DiffLoss head without
-    its readout term (what the paper's objective is, with or without that term in training)."""
+def _validation_loss(model: Any, val_shards: Sequence[str], batch_size: int) -> tuple[float, float]:
+    """The held-out objective of ``model`` (a FluidModel) and its standard error, without the
+    DiffLoss head's readout term: the paper's objective, whether or not it was trained with it."""
     from fluid_eval.loss import validation_loss
 
-    from ..model import FluidModel
-
-    model = FluidModel.from_pretrained(pipeline_dir, subfolder="model")
-    if hasattr(model.head, "config") and hasattr(model.head.config, "regression_weight"):
-        model.head.config = dataclasses.replace(model.head.config, regression_weight=0.0)
-
     def loss(batch: Any) -> tuple[torch.Tensor, float]:
-        return model.training_loss(batch).loss, float(batch.tokens.shape[0])
+        return model.training_loss(batch, auxiliary=False).loss, float(batch.tokens.shape[0])
 
     result = validation_loss(loss, _val_batches(val_shards, batch_size), seed=0)
     return result.mean, result.std_error
 
 
 def _tuned_scores(
-    pipeline_dir: Path, settings: StudySettings, run: StudyRun, out: Path, *,
+    pipeline: Any, pipeline_dir: Path, settings: StudySettings, run: StudyRun, out: Path, *,
     cache: Path, seed: int, stages: Stages,
 ) -> dict[str, Any]:  # fmt: skip
     """Tune CFG and temperature on the held-out prompts (GenEval and FID each), then score the
-    evaluation prompts at each metric's setting."""
-    from ..pipeline import FluidPipeline
-
+    evaluation prompts at each metric's setting (``pipeline``: loaded from ``pipeline_dir``)."""
     run_settings = settings.run_settings(run.size, readout=run.readout)
-    pipeline = FluidPipeline.from_pretrained(pipeline_dir)
     tune_set = PromptSet(settings.tune_prompts, settings.tune_samples, prompt_seed=1043)
     eval_set = PromptSet(run_settings.num_prompts, run_settings.samples_per_prompt)
     common = {"cache": cache, "seed": seed, "stages": stages, "chance": False, "pipeline": pipeline}
-    tuning = []
-    for n, generation in enumerate(settings.tuning_grid()):
+    grid, tuning = settings.tuning_grid(), []
+    for n, generation in enumerate(grid):
         r = evaluate_pipeline(pipeline_dir, run_settings, out / f"tune-{n}", generation=generation, prompts=tune_set, **common)  # fmt: skip
         tuning.append({"generation": r["generation"], "geneval": r["geneval"]["overall"], "fid": r["fid"]})  # fmt: skip
         shutil.rmtree(out / f"tune-{n}", ignore_errors=True)
-    grid = settings.tuning_grid()
     best = {
         "geneval": grid[max(range(len(grid)), key=lambda i: tuning[i]["geneval"])],
         "fid": grid[min(range(len(grid)), key=lambda i: tuning[i]["fid"])],
@@ -243,6 +244,7 @@ def _run_one(
     run. Returns the result, the seconds trained in this call (None when none) and the seconds
     of each evaluation made."""
     from ..model import FluidModel
+    from ..pipeline import FluidPipeline
 
     run_settings = settings.run_settings(run.size, readout=run.readout)
     config = run_settings.model_config(tokens=run.tokens, order=run.order)
@@ -270,9 +272,10 @@ def _run_one(
                 ).pipeline  # fmt: skip
             train_s += time.perf_counter() - start
             start = time.perf_counter()
+            loaded = FluidPipeline.from_pretrained(pipeline)  # validated and sampled alike
             with stages.stage("validate", "validation loss on the held-out scenes"):
-                val_loss, val_se = _validation_loss(pipeline, world.encoded[run.tokens][1], settings.val_batch_size)  # fmt: skip
-            scores = _tuned_scores(pipeline, settings, run, run_dir / f"step-{target}", cache=cache, seed=seed, stages=stages)  # fmt: skip
+                val_loss, val_se = _validation_loss(loaded.model, world.encoded[run.tokens][1], settings.val_batch_size)  # fmt: skip
+            scores = _tuned_scores(loaded, pipeline, settings, run, run_dir / f"step-{target}", cache=cache, seed=seed, stages=stages)  # fmt: skip
             point = {"step": target, "val_loss": val_loss, "val_loss_stderr": val_se, **scores}
             _write(point_file, key, point)
             eval_s.append(time.perf_counter() - start)
@@ -446,13 +449,7 @@ def run_study(
     saved_file.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     runs = settings.runs()
-    step_s = {
-        (size.name, t): _step_seconds(settings, world, size, t) for size in settings.sizes for t in tokens
-    }  # fmt: skip
-    clock = _Clock(
-        {r.name: step_s[(r.size.name, r.tokens)] * settings.steps for r in runs},
-        {r.name: len(r.milestones) + 1 for r in runs},
-    )
+    clock: _Clock | None = None  # the step-time probes run once a run is left to train
     found: dict[str, dict[str, Any]] = {}
     pending, first_pass, announced = list(enumerate(runs, 1)), True, set()
     while pending:
@@ -476,6 +473,7 @@ def run_study(
             try:
                 done = _read_if(result_file, key)  # finished while this worker claimed it
                 if done is None:
+                    clock = clock or _study_clock(settings, world, runs, tokens)
                     left = sum(clock.estimate(r.name) for _, r in pending if r.name not in found)
                     eta = time.strftime("%H:%M", time.localtime(time.time() + left))
                     log(
@@ -498,7 +496,7 @@ def run_study(
 
     report = _figures(results, out)
     eval_set = PromptSet(settings.train.num_prompts, settings.train.samples_per_prompt)
-    chance, truth = chance_levels(settings.run_settings(settings.sizes[0]), eval_set, cache=cache, seed=seed)  # fmt: skip
+    chance, truth = chance_levels(settings.world, eval_set, cache=cache, seed=seed)
     measured = findings(results, report["correlations"])
     payload = {
         "results": results,
