@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluid_train import get_preset, train_flops
+from fluid_train import get_preset, process_group, train_flops
 from fluid_train.data import write_shard
 from fluid_train.preprocess import encoded_sample
 from fluid_train.recipe import DataConfig, ScheduleConfig, TrainConfig
@@ -195,3 +195,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    process_group.leave()  # under torchrun: a gloo group left alive can abort the exit

@@ -40,6 +40,7 @@ SCRIPT = textwrap.dedent(
     import json, os, sys, time
     import torch
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from fluid_train import process_group
     from fluid_train.model import FluidConfig, FluidModel
     from fluid_train.recipe import TrainConfig, clean_name
     from fluid_train.trainer import NonFiniteLossError, Trainer
@@ -100,6 +101,8 @@ SCRIPT = textwrap.dedent(
             print(f"NONFINITE rank {rank} step {error.step}", flush=True)
         if rank == 0:
             print("REPORT " + json.dumps(report), flush=True)
+    # Left alive, a gloo group can abort the interpreter's exit (SIGABRT).
+    assert process_group.leave()
     """
 )
 
@@ -244,6 +247,25 @@ def test_auto_picks_fsdp_under_torchrun_with_several_ranks(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert resolve_backend("auto") == "eager"
     assert resolve_backend("fsdp") == "fsdp"
+
+
+def test_the_fluid_command_destroys_the_process_group_when_it_finishes(capsys):
+    # A gloo group left alive can abort the interpreter's exit (SIGABRT), so the command that
+    # joined one leaves it: join() makes the group once, main() destroys it after a command.
+    import torch.distributed as dist
+
+    from fluid_train import process_group
+    from fluid_train.cli import main
+
+    assert process_group.leave() is False  # no group: nothing to do
+    with one_rank_group():
+        process_group.join()
+        group = dist.group.WORLD
+        process_group.join()  # a group exists already: it is kept
+        assert dist.group.WORLD is group and dist.get_world_size() == 1
+        assert main(["info", "debug"]) == 0
+        assert not dist.is_initialized()
+    assert "debug" in capsys.readouterr().out
 
 
 def test_fsdp_outside_torchrun_is_a_clear_error(

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import process_group
+
 __all__ = [
     "EncodeRuntime",
     "FrozenEncoders",
@@ -292,10 +294,7 @@ class EncodeRuntime:
             torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         )
         if self.process_count > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():  # the closing barrier only: ranks never talk else
-                dist.init_process_group("gloo")
+            process_group.join()  # the closing barrier only: ranks never talk else
 
     def _init_xla(self, batch_size: int) -> None:
         import torch_xla
@@ -317,11 +316,7 @@ class EncodeRuntime:
         except Exception:  # the CPU PJRT device reports no memory limit
             self.device_bytes = None
         if self.process_count > 1:
-            import torch.distributed as dist
-            import torch_xla.distributed.xla_backend  # noqa: F401  (registers "xla://")
-
-            if not dist.is_initialized():  # the hosts' lockstep flag and the closing barrier
-                dist.init_process_group("gloo", init_method="xla://")
+            process_group.join(xla=True)  # the hosts' lockstep flag and the closing barrier
         self._compiled: Callable[..., Any] | None = None
         self._filler: dict[str, Tensor] | None = None
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from .pipeline import FluidPipeline
 
+from . import process_group
 from .generation_layouts import (  # noqa: F401 - re-exported: the layouts run_generation fills
     MAX_SHEET_IMAGES,
     GenEvalFolders,
@@ -148,15 +149,13 @@ class Processes:
             import torch_xla.runtime as xr
 
             count = xr.process_count()
-            if count > 1 and not dist.is_initialized():
-                import torch_xla.distributed.xla_backend  # noqa: F401  (registers "xla://")
-
-                dist.init_process_group("gloo", init_method="xla://")
+            if count > 1:
+                process_group.join(xla=True)
             return cls(index=xr.process_index(), count=count)
         if dist.is_available() and dist.is_initialized():
             return cls(index=dist.get_rank(), count=dist.get_world_size())
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group("gloo")
+            process_group.join()
             return cls(index=dist.get_rank(), count=dist.get_world_size())
         return cls()
 

@@ -29,7 +29,6 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .. import process_group
 from ..checkpoint import load_torch, save_torch
 from ..parallelize import build_fsdp_mesh, parallelize_fsdp
 from ..recipe import clean_name
@@ -92,12 +92,11 @@ class FsdpBackend(TorchDeviceBackend):
         else:
             self.device = torch.device("cpu")
         self.capturable = use_cuda
-        if not dist.is_initialized():
-            dist.init_process_group(
-                "nccl" if use_cuda else "gloo",
-                timeout=datetime.timedelta(seconds=config.parallel.dist_timeout_s),
-                device_id=self.device if use_cuda else None,
-            )
+        process_group.join(
+            "nccl" if use_cuda else "gloo",
+            timeout_s=config.parallel.dist_timeout_s,
+            device_id=self.device if use_cuda else None,
+        )
         self._dist = dist
         self.process_index = dist.get_rank()
         self.process_count = dist.get_world_size()

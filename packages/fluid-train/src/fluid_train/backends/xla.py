@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .. import process_group
 from ..checkpoint import load_dcp, load_torch, save_dcp, save_torch
 from ..parallelize import batch_sharding, build_mesh, parallelize_xla, shard_like
 from . import Backend, CheckpointState, Encode
@@ -60,12 +61,8 @@ class XlaBackend(Backend):
         self.device_type = xr.device_type()
         self.mesh = build_mesh(config.parallel.dcn_data_parallelism)
         if self.process_count > 1:
-            import torch.distributed as dist
-            import torch_xla.distributed.xla_backend  # noqa: F401  (registers "xla://")
-
-            if not dist.is_initialized():
-                # DCP coordinates the hosts' shard writes through a CPU process group.
-                dist.init_process_group("gloo", init_method="xla://")
+            # DCP coordinates the hosts' shard writes through a CPU process group.
+            process_group.join(xla=True)
         self._compiled_step: Callable | None = None
         self._compiled_encode: Callable | None = None
         self._precision = config.precision

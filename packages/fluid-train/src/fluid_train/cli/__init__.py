@@ -44,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Every sub-command sets ``func`` (via ``set_defaults``) returning an exit code or None.
     result = args.func(args)
+    # Under torchrun: every rank got here, so the group's work is done (after a failure it stays:
+    # destroying it could wait on a peer still inside a collective).
+    from ..process_group import leave
+
+    leave()
     return int(result or 0)
 
 

@@ -1,0 +1,62 @@
+"""torch.distributed's default process group: created once for whichever part needs it first, and
+destroyed when a command finishes cleanly.
+
+A process that exits with a gloo group still alive can abort in the interpreter's teardown
+("terminate called without an active exception", SIGABRT): gloo's worker threads still hold work
+whose tensors reference Python objects. So every part of fluid that needs a group (the fsdp and
+xla backends, the encoders, multi-process sampling) gets it from :func:`join`, and the ``fluid``
+command calls :func:`leave` after the command returned. It is not destroyed after a failure: a
+rank that failed may have peers still inside a collective, and destroying would wait on them
+(torchrun stops the other ranks).
+
+Code that drives :class:`~fluid_train.trainer.Trainer` (or the encoders) under torchrun itself
+calls :func:`leave` at the end, like any torch.distributed program calls
+``destroy_process_group``. Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from typing import Any
+
+
+def join(
+    backend: str = "gloo",
+    *,
+    xla: bool = False,
+    timeout_s: float | None = None,
+    device_id: Any = None,
+) -> None:
+    """Create the default process group unless one exists already (then it is used as it is).
+
+    ``xla=True`` finds the peers through the SPMD runtime (``init_method="xla://"``); otherwise
+    torchrun's environment (``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``) names them.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    kwargs: dict[str, Any] = {}
+    if xla:
+        import torch_xla.distributed.xla_backend  # noqa: F401  (registers "xla://")
+
+        kwargs["init_method"] = "xla://"
+    if timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    if device_id is not None:
+        kwargs["device_id"] = device_id
+    dist.init_process_group(backend, **kwargs)
+
+
+def leave() -> bool:
+    """Destroy the default process group if there is one; True if one was destroyed.
+
+    Call it once every rank is done communicating (after a clean finish, never in an error
+    handler). torch is not imported when nothing imported torch.distributed.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    dist.destroy_process_group()
+    return True
