@@ -5,9 +5,9 @@ A process that exits with a gloo group still alive can abort in the interpreter'
 ("terminate called without an active exception", SIGABRT): gloo's worker threads still hold work
 whose tensors reference Python objects. So every part of fluid that needs a group (the fsdp and
 xla backends, the encoders, multi-process sampling) gets it from :func:`join`, and the ``fluid``
-command calls :func:`leave` after the command returned. It is not destroyed after a failure: a
-rank that failed may have peers still inside a collective, and destroying would wait on them
-(torchrun stops the other ranks).
+command calls :func:`leave` once the command returned, whatever its exit status. It is not
+destroyed when an exception propagates: a rank that failed may have peers still inside a
+collective, and destroying could wait on them (torchrun stops the other ranks).
 
 Code that drives :class:`~fluid_train.trainer.Trainer` (or the encoders) under torchrun itself
 calls :func:`leave` at the end, like any torch.distributed program calls

@@ -44,8 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Every sub-command sets ``func`` (via ``set_defaults``) returning an exit code or None.
     result = args.func(args)
-    # Under torchrun: every rank got here, so the group's work is done (after a failure it stays:
-    # destroying it could wait on a peer still inside a collective).
+    # Under torchrun the command returned, whatever its status (done, preempted, bad input), so
+    # this rank's collectives are done: destroy the group, or its exit may abort and lose the
+    # status. An exception propagates with the group left alone: a peer may be inside a
+    # collective, and destroying could wait on it (torchrun stops the other ranks).
     from ..process_group import leave
 
     leave()
