@@ -145,6 +145,41 @@ def test_trimmed_preprocess_records_its_bytes_and_the_fit_rule(tmp_path, world):
         EncodeRuntime("cpu", shard_weights=True).place(encoders)
 
 
+def test_preprocess_options_are_one_object_for_the_flags_and_the_function(tmp_path, world):
+    from fluid_train.cli import build_parser
+    from fluid_train.cli.options import given_values
+    from fluid_train.config import PreprocessOptions, config_from_dict
+
+    def flags_to_options(*flags: str) -> PreprocessOptions:
+        args = build_parser().parse_args(["preprocess", "--data", "x", "--tokenizer", "t",
+                                          "--text-encoder", "e", "--out", "o", *flags])  # fmt: skip
+        return config_from_dict(PreprocessOptions, given_values(args, PreprocessOptions))
+
+    # The flags' defaults are the dataclass's; a flag sets its field (None keeps "decide").
+    assert flags_to_options() == PreprocessOptions()
+    assert flags_to_options("--no-shard-weights", "--text-storage", "padded", "--pad-to", "7") == (
+        PreprocessOptions(shard_weights=False, text_storage="padded", pad_to=7)
+    )
+    assert flags_to_options("--shard-weights").shard_weights is True
+    with pytest.raises(SystemExit):
+        flags_to_options("--text-dtype", "int8")  # choices come from the Literal
+
+    # From Python: an options object, with keyword overrides of its fields on top.
+    base = PreprocessOptions(pad_to=TEXT_LENGTH, text_storage="padded", device="cpu")
+    parts = {k: world[k] for k in ("tokenizer", "text_encoder")}
+    preprocess(world["images"], **parts, out=tmp_path / "padded", options=base, batch_size=5)
+    manifest = json.loads((tmp_path / "padded" / "preprocess.json").read_text())
+    assert manifest["text"] == {**manifest["text"], "storage": "padded", "length": TEXT_LENGTH}
+    assert read_encoded(tmp_path / "padded")  # shards were written
+    with pytest.raises(TypeError, match=r"unknown preprocess option\(s\) \['pad'\]"):
+        preprocess(world["images"], **parts, out=tmp_path / "x", pad=3)
+    with pytest.raises(ValueError, match="text_storage must be one of"):
+        preprocess(world["images"], **parts, out=tmp_path / "x", text_storage="zip")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        PreprocessOptions(batch_size=0)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
 def test_two_torchrun_processes_write_the_single_process_shards(tmp_path, world):
     common = ["--data", world["images"], "--tokenizer", world["tokenizer"], "--text-encoder",
               world["text_encoder"], "--pad-to", str(TEXT_LENGTH), "--batch-size", "3"]  # fmt: skip

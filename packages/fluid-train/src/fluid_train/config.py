@@ -22,7 +22,7 @@ from fluid_backbone.config import TransformerConfig
 from fluid_heads.config import DiffLossConfig
 from fluid_text.config import AlignerConfig
 
-from .config_io import config_from_dict, load_config_file, merge, with_overrides
+from .config_io import config_from_dict, load_config_file, merge, replace_given, with_overrides
 
 __all__ = [
     "CONFIG_FORMAT",
@@ -32,11 +32,13 @@ __all__ = [
     "GenerationConfig",
     "OptimizerConfig",
     "ParallelConfig",
+    "PreprocessOptions",
     "ScheduleConfig",
     "TrainConfig",
     "config_from_dict",
     "load_config_file",
     "merge",
+    "replace_given",
     "with_overrides",
 ]
 
@@ -52,6 +54,8 @@ CfgSchedule = Literal["linear", "constant"]
 TextEncoderLayout = Literal["t5-v1_1-xxl", "shapes-t5"]
 Backend = Literal["auto", "eager", "xla", "fsdp"]
 Precision = Literal["auto", "fp32", "bf16"]
+TextDtype = Literal["float16", "bfloat16", "float32"]  # encoded shards' T5 states
+TextStorage = Literal["trimmed", "padded"]
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -415,3 +419,37 @@ class TrainConfig:
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a ``.json`` or ``.toml`` file; ``overrides`` (nested dicts merge) win."""
         return cls.from_dict(merge(load_config_file(path), overrides))
+
+
+# ---------------------------------------------------------------------------------- preprocess
+
+
+@dataclass(kw_only=True, slots=True)
+class PreprocessOptions:
+    """How ``fluid_train.preprocess.preprocess`` encodes image shards (``fluid preprocess``'s
+    flags): the inputs, the output and the share of the work are its arguments."""
+
+    image_size: int | None = field(default=None, metadata=_help("resize/crop size (default: the tokenizer's)", metavar="PX"))  # fmt: skip
+    pad_to: int | None = field(default=None, metadata=_help("training text length L (default: the encoder's max length)", metavar="L"))  # fmt: skip
+    batch_size: int = field(default=32, metadata=_help("images per encoder call, per host on xla (rounded up to a multiple of its devices)", metavar="N"))  # fmt: skip
+    device: str | None = field(default=None, metadata=_help("cpu, cuda, cuda:I or xla (default: xla on a TPU host, else cuda if available)"))  # fmt: skip
+    precision: Precision = field(default="auto", metadata=_help("encoder weights (auto: bf16 on accelerators, fp32 on CPUs)"))  # fmt: skip
+    shard_weights: bool | None = field(default=None, metadata=_help("shard the encoders over the xla devices (default: when they take more than half of one device's memory)"))  # fmt: skip
+    text_dtype: TextDtype = field(default="float16", metadata=_help("dtype of the stored T5 states"))  # fmt: skip
+    text_storage: TextStorage = field(default="trimmed", metadata=_help("store T5 states at the caption's length, or padded to --pad-to"))  # fmt: skip
+    overwrite: bool = field(default=False, metadata=_help("re-encode shards that exist"))
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "pad_to", "batch_size"):
+            value = getattr(self, name)
+            if value is None and name != "batch_size":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        for name, kind in (("precision", Precision), ("text_dtype", TextDtype),
+                           ("text_storage", TextStorage)):  # fmt: skip
+            if getattr(self, name) not in typing.get_args(kind):
+                raise ValueError(
+                    f"{name} must be one of {list(typing.get_args(kind))}; "
+                    f"got {getattr(self, name)!r}"
+                )

@@ -2,7 +2,8 @@
 
 ``config_from_dict(cls, values)`` builds any config dataclass of Fluid from nested plain values
 and names the dotted key and what it expected when a value does not fit; ``with_overrides``
-turns dotted keys into nested ones. Importable without torch.
+turns dotted keys into nested ones; ``replace_given`` applies keyword overrides to an options
+object. Importable without torch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["config_from_dict", "load_config_file", "merge", "with_overrides"]
+__all__ = ["config_from_dict", "load_config_file", "merge", "replace_given", "with_overrides"]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -63,6 +64,20 @@ def with_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> d
                 raise ValueError(f"override {key!r}: {parent!r} is set to a value, not a table")
         node[name] = value
     return merge(values, nested)
+
+
+def replace_given(base: Any, overrides: Mapping[str, Any], *, what: str) -> Any:
+    """``base`` (a config dataclass) with the non-None ``overrides`` replaced and checked again
+    by its ``__post_init__``; a name that is not one of its fields raises TypeError naming
+    ``what`` and the fields. No overrides: ``base`` itself."""
+    names = [f.name for f in dataclasses.fields(base)]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise TypeError(
+            f"unknown {what}(s) {unknown}; expected {type(base).__name__} fields {names}"
+        )
+    return dataclasses.replace(base, **given) if given else base
 
 
 def config_from_dict(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:

@@ -45,19 +45,12 @@ def resolve_options(
 ) -> GenerationConfig:
     """``options`` (default: the model's ``config.generation``) with the non-None ``overrides``
     applied: the one options object every layer passes on (validated; unknown names raise)."""
-    from .config import GenerationConfig
+    from .config import GenerationConfig, replace_given
 
     base = model.config.generation if options is None else options
     if not isinstance(base, GenerationConfig):
         raise TypeError(f"options must be a GenerationConfig; got {type(base).__name__}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(GenerationConfig)})
-    if unknown:
-        raise TypeError(
-            f"unknown generation option(s) {unknown}; expected GenerationConfig fields "
-            f"{[f.name for f in dataclasses.fields(GenerationConfig)]}"
-        )
-    return dataclasses.replace(base, **given) if given else base
+    return replace_given(base, overrides, what="generation option")
 
 
 def _steps(iterable: Iterable[int], *, total: int, progress: bool, desc: str) -> Iterable[int]:

@@ -40,13 +40,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .atomic import write_json_atomic
+from .config import PreprocessOptions, TextDtype, TextStorage, replace_given
 from .data import (
     SKIP_REASONS,
     SkipSample,
@@ -69,6 +70,7 @@ from .encoders import (  # noqa: F401 - re-exported: the names of this module's 
 __all__ = [
     "EncodeRuntime",
     "FrozenEncoders",
+    "PreprocessOptions",
     "PreprocessResult",
     "compile_xla_encode",
     "encoded_sample",
@@ -83,8 +85,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PREPROCESS_FILE = "preprocess.json"
-TextDtype = Literal["float16", "bfloat16", "float32"]
-TextStorage = Literal["trimmed", "padded"]
 
 
 # ---------------------------------------------------------------------- the command
@@ -237,31 +237,28 @@ def preprocess(
     tokenizer: str | os.PathLike | nn.Module,
     text_encoder: str | os.PathLike | nn.Module,
     out: str | os.PathLike,
-    image_size: int | None = None,
-    pad_to: int | None = None,
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-    precision: Literal["auto", "fp32", "bf16"] = "auto",
-    shard_weights: bool | None = None,
-    text_dtype: TextDtype = "float16",
-    text_storage: TextStorage = "trimmed",
+    options: PreprocessOptions | None = None,
     part: tuple[int, int] = (0, 1),
-    overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    **overrides: Any,
 ) -> PreprocessResult:
     """Encode image shards ``data`` into ``out``; see the module docstring for the layout.
 
-    ``image_size`` defaults to the tokenizer's; ``pad_to`` (the training text length L) to the
-    text encoder's max length. ``batch_size``: images per encoder call (on xla per host,
-    rounded up to a multiple of its devices). ``device``/``precision``/``shard_weights``: see
-    ``EncodeRuntime``. ``part=(k, n)`` encodes every n-th input shard starting at k (one job's
-    share), split again over torchrun ranks or xla hosts, whose part is read from the runtime.
+    ``options`` (a ``PreprocessOptions``, default its defaults) with ``overrides`` of its fields
+    applied (``pad_to=24, device="cpu"``): ``image_size`` defaults to the tokenizer's; ``pad_to``
+    (the training text length L) to the text encoder's max length; ``batch_size`` is images per
+    encoder call (on xla per host, rounded up to a multiple of its devices);
+    ``device``/``precision``/``shard_weights``: see ``EncodeRuntime``. ``part=(k, n)`` encodes
+    every n-th input shard starting at k (one job's share), split again over torchrun ranks or
+    xla hosts, whose part is read from the runtime.
     """
-    if text_storage not in ("trimmed", "padded"):
-        raise ValueError(f"text_storage must be 'trimmed' or 'padded'; got {text_storage!r}")
-    _text_array(np.zeros((1, 1), np.float32), text_dtype)  # checks text_dtype
+    o = replace_given(options or PreprocessOptions(), overrides, what="preprocess option")
     runtime = EncodeRuntime(
-        device, precision=precision, batch_size=batch_size, part=part, shard_weights=shard_weights
+        o.device,
+        precision=o.precision,
+        batch_size=o.batch_size,
+        part=part,
+        shard_weights=o.shard_weights,
     )
     k, n = runtime.part
     # Loaded on the CPU, then cast and placed by the runtime (replicated or sharded).
@@ -270,8 +267,8 @@ def preprocess(
     if not isinstance(text_encoder, nn.Module):
         text_encoder = load_text_encoder(text_encoder)
     spec = tokenizer.spec
-    size = image_size or spec.image_size
-    length = pad_to or text_encoder.max_length
+    size = o.image_size or spec.image_size
+    length = o.pad_to or text_encoder.max_length
     encoders = runtime.place(FrozenEncoders(tokenizer, text_encoder, text_length=length))
 
     urls = expand_shards(data)
@@ -288,7 +285,7 @@ def preprocess(
     stats: Counter[str] = Counter()
     for url, name in list(zip(urls, names, strict=True))[k::n]:
         target = out / name
-        if target.is_file() and not overwrite:
+        if target.is_file() and not o.overwrite:
             result.reused.append(target)
             continue
         skips: Counter[str] = Counter()
@@ -296,7 +293,7 @@ def preprocess(
             target,
             _encode_shard(
                 url, encoders, runtime, image_size=size, skips=skips, stats=stats,
-                text_dtype=text_dtype, text_storage=text_storage, progress=progress,
+                text_dtype=o.text_dtype, text_storage=o.text_storage, progress=progress,
             ),
         )  # fmt: skip
         if sum(skips.values()):
@@ -310,7 +307,7 @@ def preprocess(
     result.bytes_per_sample = stats["bytes"] / samples
     # What padded storage of the same states would take (float16/bf16: 2 bytes per value).
     width = int(text_encoder.dim)
-    padded_text = len(_npy(_text_array(np.zeros((length, width), np.float32), text_dtype)))
+    padded_text = len(_npy(_text_array(np.zeros((length, width), np.float32), o.text_dtype)))
     manifest = {
         "format": 2,
         "tokens": {
@@ -324,9 +321,9 @@ def preprocess(
         "text": {
             "length": length,
             "dim": width,
-            "dtype": text_dtype,
-            "storage": text_storage,
-            "bf16_as": "uint16 bit pattern" if text_dtype == "bfloat16" else None,
+            "dtype": o.text_dtype,
+            "storage": o.text_storage,
+            "bf16_as": "uint16 bit pattern" if o.text_dtype == "bfloat16" else None,
         },
         "encoders": {
             "device": str(runtime.device),
@@ -339,7 +336,7 @@ def preprocess(
         "bytes": {
             "per_sample": result.bytes_per_sample,
             "text_per_sample": stats["text_bytes"] / samples,
-            "text_per_sample_padded": padded_text if text_storage == "trimmed" else None,
+            "text_per_sample_padded": padded_text if o.text_storage == "trimmed" else None,
             "mean_text_tokens": stats["text_tokens"] / samples,
             "total": stats["bytes"],
         },

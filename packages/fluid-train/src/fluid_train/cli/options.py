@@ -46,7 +46,8 @@ def add_config_flags(
     has help metadata.
 
     The flag's destination is the field's dotted path (``optim.lr``); booleans that default to
-    True become ``--no-<name>``, those that default to False ``--<name>``.
+    True become ``--no-<name>``, those that default to False ``--<name>``, and those that default
+    to None (decided later) both.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -64,7 +65,12 @@ def add_config_flags(
         help_text = f.metadata["help"]
         kind = _unwrap_optional(hint)
         if kind is bool:
-            if default is True:
+            if default is None:  # unset means "decide for me": --name and --no-name
+                parser.add_argument(
+                    name, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                    help=help_text,
+                )  # fmt: skip
+            elif default is True:
                 parser.add_argument(
                     f.metadata.get("flag") or f"--no-{f.name.replace('_', '-')}",
                     dest=dest, action="store_const", const=False, default=None,

@@ -159,50 +159,31 @@ def _register_preprocess(subparsers: argparse._SubParsersAction) -> None:
             "their process index), or under `torchrun --nproc-per-node N` one rank per GPU."
         ),
     )
+    from fluid_train.config import PreprocessOptions
+
+    from .options import add_config_flags
+
     p.add_argument("--data", nargs="+", required=True, metavar="SHARDS", help="image shards")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="saved tokenizer directory")
     p.add_argument(
         "--text-encoder", required=True, metavar="DIR", help="saved T5 encoder directory"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output shard directory")
-    p.add_argument(
-        "--pad-to", type=int, help="training text length L (default: the encoder's max length)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=32,
-        help="images per encoder call, per host on xla (default 32)",
-    )  # fmt: skip
-    p.add_argument("--image-size", type=int, help="resize/crop size (default: the tokenizer's)")
-    p.add_argument(
-        "--device",
-        help="cpu, cuda, cuda:I or xla (default: xla on a TPU host, else cuda if available)",
-    )
-    p.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
-        help="encoder weights (default auto: bf16 on accelerators, fp32 on CPUs)",
-    )  # fmt: skip
-    p.add_argument(
-        "--shard-weights", action=argparse.BooleanOptionalAction, default=None,
-        help="shard the encoders over the xla devices (default: when they take more than half "
-        "of one device's memory)",
-    )  # fmt: skip
-    p.add_argument("--text-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    p.add_argument(
-        "--text-storage", choices=("trimmed", "padded"), default="trimmed",
-        help="store T5 states at the caption's length (default) or padded to --pad-to",
-    )  # fmt: skip
+    add_config_flags(p, PreprocessOptions)
     p.add_argument(
         "--part", default="0/1", metavar="K/N",
         help="encode input shards K, K+N, ... (split again over torchrun ranks / xla hosts)",
     )  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="re-encode shards that exist")
     p.set_defaults(func=run_preprocess)
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from fluid_train.config import PreprocessOptions, config_from_dict
     from fluid_train.preprocess import preprocess
+
+    from .options import given_values
 
     _setup_logging()
     try:
@@ -213,23 +194,11 @@ def run_preprocess(args: argparse.Namespace) -> int:
         return 2
     with tqdm(unit="img", desc="preprocess") as bar:
         try:
+            options = config_from_dict(PreprocessOptions, given_values(args, PreprocessOptions))
             result = preprocess(
-                args.data,
-                tokenizer=args.tokenizer,
-                text_encoder=args.text_encoder,
-                out=args.out,
-                image_size=args.image_size,
-                pad_to=args.pad_to,
-                batch_size=args.batch_size,
-                device=args.device,
-                precision=args.precision,
-                shard_weights=args.shard_weights,
-                text_dtype=args.text_dtype,
-                text_storage=args.text_storage,
-                part=part,
-                overwrite=args.overwrite,
-                progress=bar.update,
-            )
+                args.data, tokenizer=args.tokenizer, text_encoder=args.text_encoder,
+                out=args.out, options=options, part=part, progress=bar.update,
+            )  # fmt: skip
         except (ValueError, FileNotFoundError, RuntimeError) as error:
             print(f"fluid preprocess: error: {error}", file=sys.stderr)
             return 2
