@@ -28,6 +28,7 @@ seeded from it, so a seed gives the same tokens on every run and the same distri
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ from .masking import cfg_scale, random_order, reveal_schedule
 if TYPE_CHECKING:
     from .generation import _Start
     from .model import FluidModel, GenerationConfig
+
+_Step = tuple[Tensor, Tensor]  # a random-order step's (tokens [B, N(, C)], mask after [B, N])
 
 
 # Diffusion steps traced into one graph: 10x fewer graph launches, still a fixed set of graphs
@@ -106,13 +109,7 @@ def _steps(total: int, progress: bool) -> Any:
 
 
 def _head_sample(
-    model: FluidModel,
-    z: Tensor,
-    *,
-    guided: bool,
-    scale: Tensor,
-    options: GenerationConfig,
-    with_logprob: bool = False,
+    model: FluidModel, start: _Start, z: Tensor, scale: Tensor, *, with_logprob: bool = False
 ) -> Any:
     """Head sampling of M rows (z [2M, D] = [cond; uncond] when guided) -> M tokens.
 
@@ -122,6 +119,7 @@ def _head_sample(
     """
     from fluid_heads import TokenSample
 
+    guided, options = start.guided, start.options
     m = z.shape[0] // 2 if guided else z.shape[0]
     kwargs: dict[str, Any] = {"temperature": options.temperature, "cfg": scale if guided else 1.0}
     if model.config.tokens == "discrete":
@@ -169,6 +167,7 @@ def generate_random_order(model: FluidModel, start: _Start) -> Tensor:
     mask = torch.ones(bsz, n, dtype=torch.bool, device=device)  # [B, N] True = still masked
     k_max = max(b - a for b, a in zip(before, schedule, strict=True))  # rows per head pass
     slots = torch.arange(k_max, device=device)  # [k_max]
+    steps = _RandomOrderSteps(model, start, order, rank, slots)
     _sync()
     for step in _steps(len(schedule), progress):
         masked, masked_after = before[step], schedule[step]
@@ -182,84 +181,70 @@ def generate_random_order(model: FluidModel, start: _Start) -> Tensor:
                 anneal,
             ],
             device,
-        )
-        scale = values[0]  # the guidance scale; values[1]: MaskGIT's annealed temperature
+        )  # [2]: the guidance scale, MaskGIT's annealed temperature
         x = _stack(model.head.embed(tokens), guided)  # [B', N, D]
         h = model.trunk(x, _stack(mask, guided), text_kv=start.text_kv)  # [B', N, D]
         _sync()
         if options.order_policy == "confidence":
-            tokens, mask = _confidence_step(
-                model, h, tokens, mask, counts, values[1], options, guided, scale
-            )
+            tokens, mask = steps.by_confidence(h, tokens, mask, counts, values)
         else:
-            tokens, mask = _reveal_step(
-                model, h, tokens, rank, order, slots, counts, options, guided, scale
-            )
+            tokens, mask = steps.by_order(h, tokens, counts, values[0])
         _sync()
     return tokens
 
 
-def _reveal_step(
-    model: FluidModel,
-    h: Tensor,
-    tokens: Tensor,
-    rank: Tensor,
-    order: Tensor,
-    slots: Tensor,
-    counts: Tensor,
-    options: GenerationConfig,
-    guided: bool,
-    scale: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Reveal the ranks [masked_after, masked) of each image's order through k_max head rows."""
-    from .generation import _stack
+@dataclasses.dataclass(frozen=True, slots=True)
+class _RandomOrderSteps:
+    """What every step of the random-order loop shares; a step returns (tokens, mask after)."""
 
-    bsz, n = rank.shape
-    k_max = slots.shape[0]
-    masked, masked_after = counts[0], counts[1]
-    slot_rank = masked_after + slots  # [k_max] the ranks this step reveals, then padding
-    valid = slot_rank < masked  # [k_max]
-    positions = order.gather(1, slot_rank.clamp(max=n - 1).expand(bsz, k_max))  # [B, k_max]
-    rows = h.gather(1, _stack(positions, guided)[..., None].expand(-1, -1, h.shape[-1]))
-    sampled = _head_sample(
-        model, rows.flatten(0, 1), guided=guided, scale=scale, options=options
-    )  # [B*k_max] or [B*k_max, C]
-    sampled = sampled.reshape(bsz, k_max, *tokens.shape[2:]).to(tokens.dtype)
-    # Padding slots write into slot N, dropped after the scatter: no duplicate real index.
-    target = torch.where(valid, positions, torch.full_like(positions, n))  # [B, k_max]
-    padded = torch.cat([tokens, torch.zeros_like(tokens[:, :1])], dim=1)  # [B, N+1(, C)]
-    index = target if tokens.ndim == 2 else target[..., None].expand(-1, -1, tokens.shape[-1])
-    tokens = padded.scatter(1, index, sampled)[:, :n]
-    return tokens, rank < masked_after  # mask after the step: [B, N]
+    model: FluidModel
+    start: _Start
+    order: Tensor  # [B, N] the positions in reveal order
+    rank: Tensor  # [B, N] each position's rank in its image's order
+    slots: Tensor  # [k_max] the rows revealed per head pass
 
+    def by_order(self, h: Tensor, tokens: Tensor, counts: Tensor, scale: Tensor) -> _Step:
+        """Reveal the ranks [masked_after, masked) of each image's order through k_max head
+        rows; ``counts`` = [masked, masked_after]."""
+        from .generation import _stack
 
-def _confidence_step(
-    model: FluidModel,
-    h: Tensor,
-    tokens: Tensor,
-    mask: Tensor,
-    counts: Tensor,
-    anneal: Tensor,
-    options: GenerationConfig,
-    guided: bool,
-    scale: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """MaskGIT over all N positions: the masked_after least confident masked ones stay masked."""
-    from .masking import gumbel_noise
+        bsz, n = self.rank.shape
+        k_max = self.slots.shape[0]
+        masked, masked_after = counts[0], counts[1]
+        slot_rank = masked_after + self.slots  # [k_max] the ranks this step reveals, then padding
+        valid = slot_rank < masked  # [k_max]
+        positions = self.order.gather(1, slot_rank.clamp(max=n - 1).expand(bsz, k_max))
+        guided = self.start.guided
+        rows = h.gather(1, _stack(positions, guided)[..., None].expand(-1, -1, h.shape[-1]))
+        sampled = _head_sample(self.model, self.start, rows.flatten(0, 1), scale)
+        sampled = sampled.reshape(bsz, k_max, *tokens.shape[2:]).to(tokens.dtype)
+        # Padding slots write into slot N, dropped after the scatter: no duplicate real index.
+        target = torch.where(valid, positions, torch.full_like(positions, n))  # [B, k_max]
+        padded = torch.cat([tokens, torch.zeros_like(tokens[:, :1])], dim=1)  # [B, N+1(, C)]
+        index = target if tokens.ndim == 2 else target[..., None].expand(-1, -1, tokens.shape[-1])
+        tokens = padded.scatter(1, index, sampled)[:, :n]
+        return tokens, self.rank < masked_after  # [B, N]
 
-    bsz, n = mask.shape
-    sample = _head_sample(
-        model, h.flatten(0, 1), guided=guided, scale=scale, options=options, with_logprob=True
-    )  # ids, logprob [B*N]
-    noise = gumbel_noise((bsz, n), device=tokens.device, generator=None)  # [B, N]
-    confidence = sample.logprob.view(bsz, n) + anneal * noise  # [B, N]
-    # Revealed positions rank after every masked one, so they are never chosen to stay masked.
-    confidence = torch.where(mask, confidence, torch.full_like(confidence, float("inf")))
-    keep_rank = confidence.argsort(dim=1).argsort(dim=1)  # [B, N] rank, least confident first
-    still = keep_rank < counts[1]  # [B, N]
-    revealed = mask & ~still
-    tokens = torch.where(revealed, sample.ids.view(bsz, n), tokens)
-    return tokens, still
+    def by_confidence(
+        self, h: Tensor, tokens: Tensor, mask: Tensor, counts: Tensor, values: Tensor
+    ) -> _Step:
+        """MaskGIT over all N positions: the masked_after least confident masked ones stay
+        masked; ``values`` = [guidance scale, annealed choice temperature]."""
+        from .masking import gumbel_noise
+
+        bsz, n = mask.shape
+        sample = _head_sample(
+            self.model, self.start, h.flatten(0, 1), values[0], with_logprob=True
+        )  # ids, logprob [B*N]
+        noise = gumbel_noise((bsz, n), device=tokens.device, generator=None)  # [B, N]
+        confidence = sample.logprob.view(bsz, n) + values[1] * noise  # [B, N]
+        # Revealed positions rank after every masked one, so they are never chosen to stay masked.
+        confidence = torch.where(mask, confidence, torch.full_like(confidence, float("inf")))
+        keep_rank = confidence.argsort(dim=1).argsort(dim=1)  # [B, N] least confident first
+        still = keep_rank < counts[1]  # [B, N]
+        revealed = mask & ~still
+        tokens = torch.where(revealed, sample.ids.view(bsz, n), tokens)
+        return tokens, still
 
 
 def generate_raster(model: FluidModel, start: _Start) -> Tensor:
@@ -278,7 +263,7 @@ def generate_raster(model: FluidModel, start: _Start) -> Tensor:
             [cfg_scale(options.cfg, options.cfg_schedule, num_tokens=n, masked_after=n - i - 1)],
             device,
         )[0]
-        token = _head_sample(model, h, guided=guided, scale=scale, options=options)
+        token = _head_sample(model, start, h, scale)
         token = token.to(tokens.dtype)  # [B] or [B, C]
         tokens = tokens.index_copy(1, position, token[:, None])
         position = position + 1

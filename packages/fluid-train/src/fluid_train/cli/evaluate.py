@@ -9,6 +9,7 @@ a trained pipeline and are added here. Both use every rank under
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -26,17 +27,22 @@ def register(subparsers: Any) -> None:
     _add_loss(sub)
 
 
+def _model_command(sub: Any, name: str, run: Any, *, help: str) -> argparse.ArgumentParser:
+    """A command of a trained pipeline (``--model``): its description is ``run``'s docstring,
+    and ``run`` answers bad input with exit status 2."""
+    parser = sub.add_parser(name, help=help, description=inspect.cleandoc(run.__doc__))
+    add_model_argument(parser)
+    parser.set_defaults(func=exit_2_on_bad_input(run))
+    return parser
+
+
 # ---------------------------------------------------------------------- coco
 
 
 def _add_coco(sub: Any) -> None:
-    coco = sub.add_parser(
-        "coco", help="zero-shot FID on MS-COCO 2014 (FID-30K): generate captions, score",
-        description="Draw --num-pairs caption-image pairs (seeded) from a COCO captions file, generate "
-        "one image per caption on every rank/device (resumable), compute FID against the real "
-        "images center-cropped and resized to the model resolution, write OUT/report.json.",
-    )  # fmt: skip
-    add_model_argument(coco)
+    coco = _model_command(
+        sub, "coco", _coco, help="zero-shot FID on MS-COCO 2014 (FID-30K): generate captions, score"
+    )
     coco.add_argument("--captions", required=True, type=Path,
                       help="COCO captions file (annotations/captions_train2014.json layout)")  # fmt: skip
     coco.add_argument("--images", required=True, type=Path,
@@ -56,10 +62,12 @@ def _add_coco(sub: Any) -> None:
     coco.add_argument("--fid-batch-size", type=int, default=64)
     coco.add_argument("--fid-device", help="device of the FID network (default cuda if available, else cpu)")  # fmt: skip
     add_sampling_arguments(coco, images_per_prompt=False)
-    coco.set_defaults(func=exit_2_on_bad_input(_coco))
 
 
 def _coco(args: argparse.Namespace) -> int:
+    """Draw --num-pairs caption-image pairs (seeded) from a COCO captions file, generate one
+    image per caption on every rank/device (resumable), compute FID against the real images
+    center-cropped and resized to the model resolution, write OUT/report.json."""
     import torch
 
     from fluid_train.evaluation import coco_fid
@@ -86,13 +94,9 @@ def _coco(args: argparse.Namespace) -> int:
 
 
 def _add_loss(sub: Any) -> None:
-    loss = sub.add_parser(
-        "loss", help="validation loss (the training objective) on held-out shards",
-        description="The training objective of a trained pipeline averaged over held-out shards "
-        "(encoded by `fluid preprocess`, or image shards encoded with the pipeline's tokenizer "
-        "and T5), under a fixed seed per shard, weighted by images; ranks split the shards.",
-    )  # fmt: skip
-    add_model_argument(loss)
+    loss = _model_command(
+        sub, "loss", _loss, help="validation loss (the training objective) on held-out shards"
+    )
     loss.add_argument("--data", required=True, nargs="+",
                       help="held-out shards: paths, directories, globs, {a..b} patterns, URLs")  # fmt: skip
     loss.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
@@ -104,10 +108,12 @@ def _add_loss(sub: Any) -> None:
         "--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)"
     )
     loss.add_argument("--json", action="store_true", help="print the result as JSON")
-    loss.set_defaults(func=exit_2_on_bad_input(_loss))
 
 
 def _loss(args: argparse.Namespace) -> int:
+    """The training objective of a trained pipeline averaged over held-out shards (encoded by
+    `fluid preprocess`, or image shards encoded with the pipeline's tokenizer and T5), under a
+    fixed seed per shard, weighted by images; ranks split the shards."""
     import os
 
     import torch

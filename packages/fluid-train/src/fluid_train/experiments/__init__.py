@@ -15,19 +15,10 @@ They use fluid-train's public API only (presets, the trainer, the pipeline, prep
 from __future__ import annotations
 
 from .._lazy import lazy_attributes
+from . import settings
 
 _LAZY = {
-    "settings": (
-        "BUDGETS",
-        "SIZES",
-        "VARIANTS",
-        "DemoSettings",
-        "SizeSpec",
-        "StudyRun",
-        "StudySettings",
-        "WorldSettings",
-        "demo_settings",
-    ),
+    "settings": tuple(settings.__all__),  # torch-free: read at once
     "cache": ("CacheEntry", "StageCache", "Stages"),
     "world": ("World", "build_world"),
     "evaluation": ("PromptSet", "chance_levels", "evaluate_pipeline", "plot_loss", "read_metrics"),
