@@ -19,6 +19,8 @@ from .settings import DemoSettings, WorldSettings
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fluid_eval.shapes import LayoutConfig
 
+    from ..pipeline import FluidPipeline
+
 __all__ = [
     "PromptSet",
     "chance_levels",
@@ -109,7 +111,7 @@ class PromptSet:
 
 
 def evaluate_pipeline(
-    pipeline_dir: str | os.PathLike,
+    pipeline: str | os.PathLike | FluidPipeline,
     settings: DemoSettings,
     out_dir: str | os.PathLike,
     *,
@@ -120,14 +122,14 @@ def evaluate_pipeline(
     prompts: PromptSet | None = None,
     fid_resamples: int = 0,
     chance: bool = True,
-    pipeline: Any = None,
 ) -> dict[str, Any]:
     """Generate for a fixed prompt set and score: GenEval, FID, per-family chance levels.
 
     ``generation`` (default ``settings.generation``) and ``prompts`` (default: the settings'
     ``num_prompts`` x ``samples_per_prompt`` evaluation set) choose what is generated;
     ``fid_resamples`` adds FID's bootstrap standard error, ``chance=False`` skips the chance
-    levels and the ground truth's own score; ``pipeline`` reuses one already loaded."""
+    levels and the ground truth's own score. ``pipeline``: a saved pipeline's directory, or
+    one already loaded."""
     from fluid_eval import ShapesDetector, compute_fid, score_folder
     from fluid_eval.geneval import load_metadata, write_generations
 
@@ -142,7 +144,8 @@ def evaluate_pipeline(
     metadata_file, truth = prompts.build(cache, world, seed=seed, stages=stages)
     metadata = load_metadata(metadata_file)
 
-    pipeline = pipeline or FluidPipeline.from_pretrained(pipeline_dir)
+    if not isinstance(pipeline, FluidPipeline):
+        pipeline = FluidPipeline.from_pretrained(pipeline)
     what = (
         f"{n} prompts x {k} images, cfg {generation.cfg:g}, temperature {generation.temperature:g}"
     )

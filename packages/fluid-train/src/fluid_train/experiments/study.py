@@ -180,18 +180,18 @@ def _validation_loss(model: Any, val_shards: Sequence[str], batch_size: int) -> 
 
 
 def _tuned_scores(
-    pipeline: Any, pipeline_dir: Path, settings: StudySettings, run: StudyRun, out: Path, *,
+    pipeline: Any, settings: StudySettings, run: StudyRun, out: Path, *,
     cache: Path, seed: int, stages: Stages,
 ) -> dict[str, Any]:  # fmt: skip
     """Tune CFG and temperature on the held-out prompts (GenEval and FID each), then score the
-    evaluation prompts at each metric's setting (``pipeline``: loaded from ``pipeline_dir``)."""
+    evaluation prompts at each metric's setting (``pipeline``: the run's loaded pipeline)."""
     run_settings = settings.run_settings(run.size, readout=run.readout)
     tune_set = PromptSet(settings.tune_prompts, settings.tune_samples, prompt_seed=1043)
     eval_set = PromptSet(run_settings.num_prompts, run_settings.samples_per_prompt)
-    common = {"cache": cache, "seed": seed, "stages": stages, "chance": False, "pipeline": pipeline}
+    common = {"cache": cache, "seed": seed, "stages": stages, "chance": False}
     grid, tuning = settings.tuning_grid(), []
     for n, generation in enumerate(grid):
-        r = evaluate_pipeline(pipeline_dir, run_settings, out / f"tune-{n}", generation=generation, prompts=tune_set, **common)  # fmt: skip
+        r = evaluate_pipeline(pipeline, run_settings, out / f"tune-{n}", generation=generation, prompts=tune_set, **common)  # fmt: skip
         tuning.append({"generation": r["generation"], "geneval": r["geneval"]["overall"], "fid": r["fid"]})  # fmt: skip
         shutil.rmtree(out / f"tune-{n}", ignore_errors=True)
     best = {
@@ -204,7 +204,7 @@ def _tuned_scores(
             evals["fid"] = evals["geneval"]
             continue
         evals[metric] = evaluate_pipeline(
-            pipeline_dir, run_settings, out / f"eval-{metric}", generation=generation,
+            pipeline, run_settings, out / f"eval-{metric}", generation=generation,
             prompts=eval_set, fid_resamples=settings.fid_resamples, **common,
         )  # fmt: skip
     geneval = evals["geneval"]
@@ -275,7 +275,7 @@ def _run_one(
             loaded = FluidPipeline.from_pretrained(pipeline)  # validated and sampled alike
             with stages.stage("validate", "validation loss on the held-out scenes"):
                 val_loss, val_se = _validation_loss(loaded.model, world.encoded[run.tokens][1], settings.val_batch_size)  # fmt: skip
-            scores = _tuned_scores(loaded, pipeline, settings, run, run_dir / f"step-{target}", cache=cache, seed=seed, stages=stages)  # fmt: skip
+            scores = _tuned_scores(loaded, settings, run, run_dir / f"step-{target}", cache=cache, seed=seed, stages=stages)  # fmt: skip
             point = {"step": target, "val_loss": val_loss, "val_loss_stderr": val_se, **scores}
             _write(point_file, key, point)
             eval_s.append(time.perf_counter() - start)
