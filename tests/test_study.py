@@ -199,15 +199,15 @@ def test_a_run_is_taken_by_one_worker_and_a_dead_workers_lock_is_taken_over(tmp_
     import subprocess
     import sys
 
-    from fluid_train.experiments.study import _claim, _release
+    from fluid_train.experiments.workers import claim, release
 
     run = tmp_path / "runs" / "random-continuous-xs"
-    assert _claim(run) is None  # taken by this process
-    holder = _claim(run)  # a second claim (another worker) finds it held
+    assert claim(run) is None  # taken by this process
+    holder = claim(run)  # a second claim (another worker) finds it held
     assert holder == {"pid": os.getpid(), "host": socket.gethostname()}
-    _release(run)
+    release(run)
     # A lock left by a process that has exited is stale: the run is taken over.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)  # fmt: skip
     (run / "worker.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))  # fmt: skip
-    assert _claim(run) is None
+    assert claim(run) is None
     assert json.loads((run / "worker.lock").read_text())["pid"] == os.getpid()

@@ -9,6 +9,7 @@ They use fluid-train's public API only (presets, the trainer, the pipeline, prep
 - ``evaluation`` GenEval, FID and chance levels of a trained pipeline; plots
 - ``demo``       ``run_demo``; ``study``: ``run_study``
 - ``findings``   the paper's four findings tested on a study's results, with verdicts
+- ``workers``    the locks by which several study workers share one directory
 - ``machine``    process settings (threads) for the command line's entry
 """
 

@@ -37,7 +37,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -50,6 +49,7 @@ from .demo import train_model
 from .evaluation import PromptSet, chance_levels, evaluate_pipeline
 from .findings import findings, format_findings
 from .settings import SizeSpec, StudyRun, StudySettings
+from .workers import claim, release
 from .world import World, build_world
 
 __all__ = ["format_table", "run_study", "steps_for_budget"]
@@ -304,51 +304,6 @@ def _run_one(
     return result, (train_s or None), eval_s
 
 
-# ------------------------------------------------------------------------------ workers
-
-
-def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the worker that wrote a lock still runs (a lock from another host counts as
-    alive: its process cannot be asked from here)."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return True
-    return True
-
-
-def _claim(run_dir: Path) -> dict[str, Any] | None:
-    """Take ``run_dir`` for this process (``worker.lock``, created exclusively); a lock whose
-    process is gone is taken over. Returns None when taken, else the live holder."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / "worker.lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}  # being written right now: alive
-            if holder and not _alive(holder):
-                lock.unlink(missing_ok=True)  # its worker died: take the run over
-                continue
-            return holder or {"pid": "?", "host": "?"}
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return None
-    return {"pid": "?", "host": "?"}
-
-
-def _release(run_dir: Path) -> None:
-    (run_dir / "worker.lock").unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------------------ reporting
 
 
@@ -463,7 +418,7 @@ def run_study(
                 log(f"[study] {n}/{len(runs)} {run.name}: {how}")
                 found[run.name] = done
                 continue
-            holder = _claim(out / "runs" / run.name)
+            holder = claim(out / "runs" / run.name)
             if holder is not None:  # another worker trains it; its result is read later
                 if run.name not in announced:
                     log(f"[study] {n}/{len(runs)} {run.name}: trained by worker {holder['pid']} on {holder['host']}")  # fmt: skip
@@ -486,7 +441,7 @@ def run_study(
                     _write(result_file, key, done)
                 found[run.name] = done
             finally:
-                _release(out / "runs" / run.name)
+                release(out / "runs" / run.name)
         if waiting and (first_pass or len(waiting) < len(pending)):
             log(f"[study] waiting for {len(waiting)} run(s) other workers are training")
         pending, first_pass = waiting, False
