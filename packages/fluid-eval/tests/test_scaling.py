@@ -33,6 +33,15 @@ def test_exponent_stderr_matches_scipy_linregress() -> None:
     assert fit.exponent == pytest.approx(reference.slope) and fit.exponent_stderr == pytest.approx(
         reference.stderr
     )
+    assert fit.p_value == pytest.approx(reference.pvalue, rel=1e-9) and 0 < fit.p_value < 1e-3
+    # Three sizes leave one degree of freedom: a slope 5.5 standard errors from 0 is not yet
+    # significant at 5% (t_0.975,1 = 12.7), which a normal 2-sigma rule would call certain.
+    three = scaling.fit_power_law([1e6, 2e6, 4e6], [2.0, 1.9, 1.85])
+    assert abs(three.exponent / three.exponent_stderr) > 2 and three.p_value > 0.05
+    assert three.p_value == pytest.approx(
+        stats.linregress(np.log([1e6, 2e6, 4e6]), np.log([2.0, 1.9, 1.85])).pvalue, rel=1e-9
+    )
+    assert np.isnan(scaling.fit_power_law([1e6, 2e6], [2.0, 1.9]).p_value)  # two points: no test
 
 
 def test_pearson_matches_numpy_and_rejects_degenerate_input() -> None:

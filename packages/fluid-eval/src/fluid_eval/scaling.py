@@ -2,8 +2,9 @@
 with FID and GenEval, and PNG plots in the style of the paper's Figures 5, 6, 8 and 9.
 
 A power law ``loss = coefficient * params ** exponent`` is a straight line in log-log space;
-the fit is ordinary least squares of ``log loss`` on ``log params``, and the exponent's
-standard error is the slope's (residual variance / sum of squared centred log-params).
+the fit is ordinary least squares of ``log loss`` on ``log params``; the exponent's standard
+error and two-sided p-value (against no slope, Student's t with n - 2 degrees of freedom) are
+the slope's, as ``scipy.stats.linregress`` gives them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class PowerLawFit:
     exponent: float  # slope in log-log space (negative when loss falls with size)
     coefficient: float  # loss at params = 1
     exponent_stderr: float  # nan with two points
+    p_value: float  # two-sided, against exponent 0 (t with n - 2 dof); nan with two points
     r_squared: float
     num_points: int
 
@@ -75,9 +77,15 @@ def fit_power_law(params: Sequence[float], losses: Sequence[float]) -> PowerLawF
     residuals = ly - (intercept + slope * lx)
     ss_res, ss_tot = float(residuals @ residuals), float(((ly - ly.mean()) ** 2).sum())
     n = len(x)
-    stderr = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 else float("nan")
+    stderr = p_value = float("nan")
+    if n > 2:
+        stderr = math.sqrt(ss_res / (n - 2) / sxx)
+        if stderr > 0:
+            p_value = float(2 * stats.t.sf(abs(slope) / stderr, n - 2))
+        else:  # an exact line: any slope is certain, a flat one is no slope
+            p_value = 0.0 if slope != 0 else 1.0
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-    return PowerLawFit(slope, math.exp(intercept), stderr, r2, n)
+    return PowerLawFit(slope, math.exp(intercept), stderr, p_value, r2, n)
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> Correlation:
