@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train every (variant, size) pair on the shapes world with the same recipe and the "
             "same number of steps (Fluid also without its readout loss); tune CFG and "
-            "temperature per run on held-out prompts; measure validation loss, FID and GenEval "
+            "temperature per run on a second prompt set; measure validation loss, FID and GenEval "
             "with standard errors, Fluid also along training; test the paper's four findings; "
             "write OUT/results.md, OUT/results.json and Figures 5, 6, 8, 9 and 13 as PNG. "
             "Resumable: finished runs, evaluated milestones and checkpoints in OUT are kept."

@@ -264,7 +264,8 @@ class StudySettings:
     token): the setting in which a CPU run of minutes learns the world. The DiffLoss readout
     loss exists for the continuous head only, so the variants in ``no_readout`` are also
     trained without it. Inference settings (CFG, temperature) are tuned per run and metric on
-    a held-out prompt set (``tune_*``) before the evaluation set is generated.
+    a second prompt set (``tune_*``, drawn with another seed; the grammar is small, so many of
+    its prompts also stand in the evaluation set) before the evaluation set is generated.
     """
 
     world: WorldSettings = field(default_factory=WorldSettings)
@@ -281,7 +282,8 @@ class StudySettings:
     train: DemoSettings = field(
         default_factory=lambda: DemoSettings(num_prompts=96, samples_per_prompt=4)
     )
-    # The held-out tuning prompts (a different seed from the evaluation prompts) and the grid.
+    # The tuning prompts (another seed than the evaluation prompts; not disjoint from them:
+    # the world has 3 single-object and 6 two-object prompts) and the grid.
     tune_prompts: int = 48
     tune_samples: int = 2
     tune_cfg: tuple[float, ...] = (3.0, 5.0)

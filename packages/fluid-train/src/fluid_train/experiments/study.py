@@ -8,7 +8,8 @@ for the same steps), then measured:
 
 - validation loss on held-out scenes: the training objective without the auxiliary readout
   term, so runs with and without it compare (``fluid_eval.loss``);
-- CFG and temperature tuned on a held-out prompt set, separately for GenEval and for FID;
+- CFG and temperature tuned on a second prompt set (``_prompt_sets``), separately for GenEval
+  and for FID;
 - FID (shapes feature net, bootstrap standard error) and shapes-world GenEval (binomial
   standard errors per family) on the evaluation prompt set, each at its tuned setting.
 
@@ -55,6 +56,7 @@ from .world import World, build_world
 __all__ = ["format_table", "run_study", "steps_for_budget"]
 
 CKPT_EVERY = 1000  # steps between a run's checkpoints (what an interruption can lose)
+TUNE_PROMPT_SEED = 1043  # the tuning prompts' draw (the evaluation prompts': 43)
 WAIT_S = 30.0  # how often a worker with nothing left looks for the others' results
 
 
@@ -179,15 +181,29 @@ def _validation_loss(model: Any, val_shards: Sequence[str], batch_size: int) -> 
     return result.mean, result.std_error
 
 
+def _prompt_sets(settings: StudySettings) -> tuple[PromptSet, PromptSet]:
+    """The tuning and the evaluation prompt sets of every run.
+
+    The tuning prompts are drawn with another seed, but they are not held out: the world's
+    grammar has 3 single-object and 6 two-object prompts, and the evaluation set holds every
+    one of them. 29 of the default 48 tuning prompts also stand in the evaluation set, so
+    the tuning differs from the evaluation in its draws (samples, renders) more than in its
+    prompts."""
+    train = settings.train
+    return (
+        PromptSet(settings.tune_prompts, settings.tune_samples, prompt_seed=TUNE_PROMPT_SEED),
+        PromptSet(train.num_prompts, train.samples_per_prompt),
+    )
+
+
 def _tuned_scores(
     pipeline: Any, settings: StudySettings, run: StudyRun, out: Path, *,
     cache: Path, seed: int, stages: Stages,
 ) -> dict[str, Any]:  # fmt: skip
-    """Tune CFG and temperature on the held-out prompts (GenEval and FID each), then score the
+    """Tune CFG and temperature on the tuning prompts (GenEval and FID each), then score the
     evaluation prompts at each metric's setting (``pipeline``: the run's loaded pipeline)."""
     run_settings = settings.run_settings(run.size, readout=run.readout)
-    tune_set = PromptSet(settings.tune_prompts, settings.tune_samples, prompt_seed=1043)
-    eval_set = PromptSet(run_settings.num_prompts, run_settings.samples_per_prompt)
+    tune_set, eval_set = _prompt_sets(settings)
     common = {"cache": cache, "seed": seed, "stages": stages, "chance": False}
     grid, tuning = settings.tuning_grid(), []
     for n, generation in enumerate(grid):
@@ -450,8 +466,10 @@ def run_study(
     results = [found[r.name] for r in runs]
 
     report = _figures(results, out)
-    eval_set = PromptSet(settings.train.num_prompts, settings.train.samples_per_prompt)
-    chance, truth = chance_levels(settings.world, eval_set, cache=cache, seed=seed)
+    chance, truth = chance_levels(
+        settings.world, _prompt_sets(settings)[1], cache=cache, seed=seed,
+        stages=Stages(log, progress=progress),
+    )  # fmt: skip
     measured = findings(results, report["correlations"])
     payload = {
         "results": results,
