@@ -155,7 +155,7 @@ def evaluate_pipeline(
         shutil.rmtree(generated, ignore_errors=True)
         with stages.bar(n, "generate", "prompt") as bar:
             write_generations(
-                sampler, metadata_file, generated, n_samples=k, batch_size=settings.gen_batch_size,
+                sampler, metadata, generated, n_samples=k, batch_size=settings.gen_batch_size,
                 progress=lambda done, total: bar.update(done - bar.n),
             )  # fmt: skip
     with stages.stage("evaluate", "shapes-world GenEval and FID"):
@@ -174,21 +174,21 @@ def evaluate_pipeline(
         }
         if chance:
             result["chance"], result["ground_truth_geneval"] = _reference_scores(
-                metadata_file, truth, detector, samples=k, world=world, seed=seed
+                metadata, metadata_file, truth, detector, samples=k, world=world, seed=seed
             )
     return result
 
 
 def _reference_scores(
-    metadata_file: Path, truth: Path, detector: Any, *, samples: int, world: WorldSettings,
-    seed: int,
+    metadata: Sequence[dict[str, Any]], metadata_file: Path, truth: Path, detector: Any, *,
+    samples: int, world: WorldSettings, seed: int,
 ) -> tuple[dict[str, float], float]:  # fmt: skip
-    """A prompt set's per-family chance levels and its ground-truth renders' own score."""
+    """A prompt set's per-family chance levels and its ground-truth renders' own score
+    (``metadata``: the entries of ``metadata_file``)."""
     from fluid_eval import score_folder
-    from fluid_eval.geneval import load_metadata
 
     chance = _chance(
-        load_metadata(metadata_file), detector, samples=samples, size=world.image_size,
+        metadata, detector, samples=samples, size=world.image_size,
         layout=world.layout_config(), seed=seed,
     )  # fmt: skip
     return chance, score_folder(truth, detector, metadata_file=metadata_file).overall
@@ -205,12 +205,14 @@ def chance_levels(
     """Per-family chance levels of a prompt set and its ground-truth renders' own score (the
     detector's ceiling): the same for every model judged on it."""
     from fluid_eval import ShapesDetector
+    from fluid_eval.geneval import load_metadata
 
     stages = stages or Stages(print)
     metadata_file, truth = prompts.build(cache, world, seed=seed, stages=stages)
     return _reference_scores(
-        metadata_file, truth, ShapesDetector(), samples=prompts.samples, world=world, seed=seed
-    )
+        load_metadata(metadata_file), metadata_file, truth, ShapesDetector(),
+        samples=prompts.samples, world=world, seed=seed,
+    )  # fmt: skip
 
 
 def contact_grid(

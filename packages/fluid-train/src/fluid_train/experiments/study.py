@@ -27,9 +27,9 @@ Resumable: a run with a ``result.json`` written under the same settings is kept,
 milestone is kept, and an interrupted training continues from its newest checkpoint.
 
 Several workers (``fluid study`` started more than once on the same ``DIR``, e.g. one per
-core with ``--threads 1``) share the runs: each takes a run by creating its ``worker.lock``
-(a lock whose process has died on this host is taken over), and every worker writes the
-report once all runs are finished.
+core with ``--threads 1``) share the runs: each holds a run while it trains it through a lock
+on its ``worker.lock`` (``workers.claimed``; the kernel frees it when the worker dies), and
+every worker writes the report once all runs are finished.
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_text_atomic
 from .cache import Log, Stages
 from .demo import train_model
 from .evaluation import PromptSet, chance_levels, evaluate_pipeline
 from .findings import findings, format_findings
 from .settings import SizeSpec, StudyRun, StudySettings
-from .workers import claim, release
+from .workers import claimed
 from .world import World, build_world
 
 __all__ = ["format_table", "run_study", "steps_for_budget"]
@@ -196,6 +197,14 @@ def _prompt_sets(settings: StudySettings) -> tuple[PromptSet, PromptSet]:
     )
 
 
+def _best_settings(grid: Sequence[Any], tuning: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each metric's best grid point: the highest GenEval, the lowest FID (ties: the first)."""
+    return {
+        "geneval": grid[max(range(len(grid)), key=lambda i: tuning[i]["geneval"])],
+        "fid": grid[min(range(len(grid)), key=lambda i: tuning[i]["fid"])],
+    }
+
+
 def _tuned_scores(
     pipeline: Any, settings: StudySettings, run: StudyRun, out: Path, *,
     cache: Path, seed: int, stages: Stages,
@@ -210,18 +219,18 @@ def _tuned_scores(
         r = evaluate_pipeline(pipeline, run_settings, out / f"tune-{n}", generation=generation, prompts=tune_set, **common)  # fmt: skip
         tuning.append({"generation": r["generation"], "geneval": r["geneval"]["overall"], "fid": r["fid"]})  # fmt: skip
         shutil.rmtree(out / f"tune-{n}", ignore_errors=True)
-    best = {
-        "geneval": grid[max(range(len(grid)), key=lambda i: tuning[i]["geneval"])],
-        "fid": grid[min(range(len(grid)), key=lambda i: tuning[i]["fid"])],
-    }
+    best = _best_settings(grid, tuning)
     evals = {}
     for metric, generation in best.items():
         if metric == "fid" and generation == best["geneval"]:
             evals["fid"] = evals["geneval"]
             continue
+        # FID's bootstrap only where its FID is kept (the GenEval setting's FID is dropped
+        # when FID has a setting of its own).
+        keeps_fid = metric == "fid" or best["fid"] == best["geneval"]
         evals[metric] = evaluate_pipeline(
             pipeline, run_settings, out / f"eval-{metric}", generation=generation,
-            prompts=eval_set, fid_resamples=settings.fid_resamples, **common,
+            prompts=eval_set, fid_resamples=settings.fid_resamples if keeps_fid else 0, **common,
         )  # fmt: skip
     geneval = evals["geneval"]
     return {
@@ -246,8 +255,6 @@ def _read_if(path: Path, key: Any) -> dict[str, Any] | None:
 
 
 def _write(path: Path, key: Any, result: dict[str, Any]) -> None:
-    from ..atomic import write_text_atomic
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps({"key": key, "result": result}, indent=2, default=str) + "\n")  # fmt: skip
 
@@ -434,18 +441,18 @@ def run_study(
                 log(f"[study] {n}/{len(runs)} {run.name}: {how}")
                 found[run.name] = done
                 continue
-            holder = claim(out / "runs" / run.name)
-            if holder is not None:  # another worker trains it; its result is read later
-                if run.name not in announced:
-                    log(f"[study] {n}/{len(runs)} {run.name}: trained by worker {holder['pid']} on {holder['host']}")  # fmt: skip
-                    announced.add(run.name)
-                waiting.append((n, run))
-                continue
-            try:
+            with claimed(out / "runs" / run.name) as holder:
+                if holder is not None:  # another worker trains it; its result is read later
+                    if run.name not in announced:
+                        log(f"[study] {n}/{len(runs)} {run.name}: trained by worker {holder['pid']} on {holder['host']}")  # fmt: skip
+                        announced.add(run.name)
+                    waiting.append((n, run))
+                    continue
                 done = _read_if(result_file, key)  # finished while this worker claimed it
                 if done is None:
                     clock = clock or _study_clock(settings, world, runs, tokens)
-                    left = sum(clock.estimate(r.name) for _, r in pending if r.name not in found)
+                    held = {r.name for _, r in waiting}  # other workers train these
+                    left = sum(clock.estimate(r.name) for _, r in pending if r.name not in found.keys() | held)  # fmt: skip
                     eta = time.strftime("%H:%M", time.localtime(time.time() + left))
                     log(
                         f"[study] {n}/{len(runs)} {run.name}: training {settings.steps} steps, "
@@ -456,8 +463,6 @@ def run_study(
                     clock.record(run.name, train_s, eval_s)
                     _write(result_file, key, done)
                 found[run.name] = done
-            finally:
-                release(out / "runs" / run.name)
         if waiting and (first_pass or len(waiting) < len(pending)):
             log(f"[study] waiting for {len(waiting)} run(s) other workers are training")
         pending, first_pass = waiting, False
@@ -481,8 +486,9 @@ def run_study(
         "elapsed_s": time.perf_counter() - start,
         "settings": record["settings"],
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    # Every worker writes the report at the end: whole files, never a half-written one.
+    write_text_atomic(out / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
     table = format_table(results, report["fits"]) + "\n" + format_findings(measured)
-    (out / "results.md").write_text(table)
+    write_text_atomic(out / "results.md", table)
     log(table)
     return payload

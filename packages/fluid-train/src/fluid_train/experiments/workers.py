@@ -1,56 +1,50 @@
-"""Workers sharing one study directory: a worker takes a run by creating its ``worker.lock``
-exclusively (``claim``), and gives it back when the run is finished (``release``). A lock whose
-process has died on this host is taken over; one written on another host counts as alive.
+"""Workers sharing one study directory: a worker holds a run while it trains it through an
+exclusive ``flock`` on the run's ``worker.lock`` (``claimed``).
+
+The kernel drops the lock when its process dies, however it dies, so a dead worker's run is
+free again without asking whether its process still runs, and no two workers can take the same
+run: taking the lock is one atomic call. The file also records the holder (pid, host) for the
+other workers' log lines. ``flock`` is POSIX; on NFS, Linux maps it onto the server's byte-range
+locks, so workers on several hosts share a directory too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["claim", "release"]
+__all__ = ["claimed"]
+
+LOCK_FILE = "worker.lock"
 
 
-def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the worker that wrote a lock still runs (a lock from another host counts as
-    alive: its process cannot be asked from here)."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return True
-    return True
+@contextlib.contextmanager
+def claimed(run_dir: Path) -> Iterator[dict[str, Any] | None]:
+    """Try to hold ``run_dir`` for the ``with`` block. Yields None when this process holds it
+    (until the block ends), else the holder's record ``{"pid", "host"}``: the run is another
+    worker's. The lock file stays; only the lock is given back."""
+    import fcntl
 
-
-def claim(run_dir: Path) -> dict[str, Any] | None:
-    """Take ``run_dir`` for this process (``worker.lock``, created exclusively); a lock whose
-    process is gone is taken over. Returns None when taken, else the live holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / "worker.lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
+    lock = run_dir / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             try:
                 holder = json.loads(lock.read_text() or "{}")
             except (OSError, ValueError):
-                holder = {}  # being written right now: alive
-            if holder and not _alive(holder):
-                lock.unlink(missing_ok=True)  # its worker died: take the run over
-                continue
-            return holder or {"pid": "?", "host": "?"}
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return None
-    return {"pid": "?", "host": "?"}
-
-
-def release(run_dir: Path) -> None:
-    (run_dir / "worker.lock").unlink(missing_ok=True)
+                holder = {}  # being written right now
+            yield holder or {"pid": "?", "host": "?"}
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        yield None
+    finally:
+        os.close(fd)  # closing the only descriptor gives the lock back
