@@ -145,15 +145,26 @@ def test_trimmed_preprocess_records_its_bytes_and_the_fit_rule(tmp_path, world):
         EncodeRuntime("cpu", shard_weights=True).place(encoders)
 
 
-def test_preprocess_options_are_one_object_for_the_flags_and_the_function(tmp_path, world):
-    from fluid_train.cli import build_parser
-    from fluid_train.cli.options import given_values
-    from fluid_train.config import PreprocessOptions, config_from_dict
+def test_preprocess_options_are_one_object_for_the_flags_and_the_function(
+    tmp_path, world, monkeypatch
+):
+    import fluid_train.preprocess
+    from fluid_train.cli import main
+    from fluid_train.config import PreprocessOptions
 
     def flags_to_options(*flags: str) -> PreprocessOptions:
-        args = build_parser().parse_args(["preprocess", "--data", "x", "--tokenizer", "t",
-                                          "--text-encoder", "e", "--out", "o", *flags])  # fmt: skip
-        return config_from_dict(PreprocessOptions, given_values(args, PreprocessOptions))
+        """The options `fluid preprocess` hands the library for ``flags``."""
+        seen = []
+
+        def capture(*args, options, **kwargs):
+            seen.append(options)
+            raise ValueError("captured")  # the command reports it and stops (exit 2)
+
+        monkeypatch.setattr(fluid_train.preprocess, "preprocess", capture)
+        assert main(["preprocess", "--data", "x", "--tokenizer", "t", "--text-encoder", "e",
+                     "--out", str(tmp_path / "o"), *flags]) == 2  # fmt: skip
+        monkeypatch.undo()
+        return seen[0]
 
     # The flags' defaults are the dataclass's; a flag sets its field (None keeps "decide").
     assert flags_to_options() == PreprocessOptions()
@@ -165,9 +176,9 @@ def test_preprocess_options_are_one_object_for_the_flags_and_the_function(tmp_pa
         flags_to_options("--text-dtype", "int8")  # choices come from the Literal
 
     # From Python: an options object, with keyword overrides of its fields on top.
-    base = PreprocessOptions(pad_to=TEXT_LENGTH, text_storage="padded", device="cpu")
+    base = PreprocessOptions(pad_to=TEXT_LENGTH, text_storage="trimmed", device="cpu")
     parts = {k: world[k] for k in ("tokenizer", "text_encoder")}
-    preprocess(world["images"], **parts, out=tmp_path / "padded", options=base, batch_size=5)
+    preprocess(world["images"], **parts, out=tmp_path / "padded", options=base, text_storage="padded")  # fmt: skip
     manifest = json.loads((tmp_path / "padded" / "preprocess.json").read_text())
     assert manifest["text"] == {**manifest["text"], "storage": "padded", "length": TEXT_LENGTH}
     assert read_encoded(tmp_path / "padded")  # shards were written

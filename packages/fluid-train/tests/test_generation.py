@@ -248,6 +248,10 @@ def test_one_options_object_reaches_every_layer(tiny_model, tiny_text, tiny_pipe
     assert resolve_options(model, options, cfg=2.0).cfg == 2.0 and options.cfg == 1.5
     with pytest.raises(TypeError, match="unknown generation option.*'cfg_scale'"):
         resolve_options(model, cfg_scale=2.0)
+    # Overrides are type-checked as config files and flags are (a bool is not a number).
+    with pytest.raises(ValueError, match="cfg must be a number; got True"):
+        resolve_options(model, cfg=True)
+    assert resolve_options(model, num_steps=3).num_steps == 3
     pipe = tiny_pipeline("continuous", "random")
     images = pipe(["a red circle"], options, seed=0)
     again = pipe(["a red circle"], seed=0, num_steps=2, cfg=1.5, temperature=0.7)

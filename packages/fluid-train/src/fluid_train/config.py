@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,14 @@ from fluid_backbone.config import TransformerConfig
 from fluid_heads.config import DiffLossConfig
 from fluid_text.config import AlignerConfig
 
-from .config_io import config_from_dict, load_config_file, merge, replace_given, with_overrides
+from .config_io import (
+    check_choices,
+    config_from_dict,
+    load_config_file,
+    merge,
+    replace_given,
+    with_overrides,
+)
 
 __all__ = [
     "CONFIG_FORMAT",
@@ -58,6 +64,17 @@ TextDtype = Literal["float16", "bfloat16", "float32"]  # encoded shards' T5 stat
 TextStorage = Literal["trimmed", "padded"]
 
 
+def _check_positive(config: Any, *names: str, optional: bool = False) -> None:
+    """ValueError naming the field unless each of ``names`` is a positive int (or, with
+    ``optional``, None)."""
+    for name in names:
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+
 def _help(text: str, **extra: Any) -> dict[str, Any]:
     """Field metadata: the command-line help (and, with ``flag=``, the flag's name)."""
     return {"help": text, **extra}
@@ -79,20 +96,13 @@ class GenerationConfig:
     top_k: int | None = field(default=None, metadata=_help("discrete: sample among the k most likely ids"))  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive int; got {self.num_steps!r}")
         if not self.cfg >= 1.0:
             raise ValueError(f"cfg must be >= 1 (1 = no guidance); got {self.cfg!r}")
-        if self.cfg_schedule not in ("linear", "constant"):
-            raise ValueError(
-                f"cfg_schedule must be 'linear' or 'constant'; got {self.cfg_schedule!r}"
-            )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
-        if self.order_policy not in ("random", "confidence"):
-            raise ValueError(
-                f"order_policy must be 'random' or 'confidence'; got {self.order_policy!r}"
-            )
         if not self.choice_temperature >= 0:
             raise ValueError(f"choice_temperature must be >= 0; got {self.choice_temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -121,10 +131,7 @@ class FluidConfig:
     text_drop_prob: float = 0.1  # captions replaced by the null text (for CFG)
 
     def __post_init__(self) -> None:
-        if self.tokens not in ("discrete", "continuous"):
-            raise ValueError(f"tokens must be 'discrete' or 'continuous'; got {self.tokens!r}")
-        if self.order not in ("raster", "random"):
-            raise ValueError(f"order must be 'raster' or 'random'; got {self.order!r}")
+        check_choices(self)
         for name, cls in (
             ("backbone", TransformerConfig),
             ("aligner", AlignerConfig),
@@ -280,10 +287,7 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
             raise ValueError(f"schedule.warmup_steps must be >= 0; got {self.warmup_steps}")
-        if self.decay not in ("constant", "cosine", "linear"):
-            raise ValueError(
-                f"schedule.decay must be 'constant', 'cosine' or 'linear'; got {self.decay!r}"
-            )
+        check_choices(self, where="schedule.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
 
@@ -370,20 +374,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from .presets import get_preset
 
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        _check_positive(self, "steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints")  # fmt: skip
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0 seconds or None; got {self.time_limit_s}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {self.precision!r}")
-        if self.backend not in typing.get_args(Backend):
-            raise ValueError(
-                f"backend must be one of {list(typing.get_args(Backend))}; got {self.backend!r}"
-            )
+        check_choices(self)
         if self.model is None:
             self.model = get_preset(self.preset)
         elif not isinstance(self.model, FluidConfig):
@@ -440,16 +436,6 @@ class PreprocessOptions:
     overwrite: bool = field(default=False, metadata=_help("re-encode shards that exist"))
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "pad_to", "batch_size"):
-            value = getattr(self, name)
-            if value is None and name != "batch_size":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        for name, kind in (("precision", Precision), ("text_dtype", TextDtype),
-                           ("text_storage", TextStorage)):  # fmt: skip
-            if getattr(self, name) not in typing.get_args(kind):
-                raise ValueError(
-                    f"{name} must be one of {list(typing.get_args(kind))}; "
-                    f"got {getattr(self, name)!r}"
-                )
+        _check_positive(self, "batch_size")
+        _check_positive(self, "image_size", "pad_to", optional=True)
+        check_choices(self)

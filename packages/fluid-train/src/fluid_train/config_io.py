@@ -9,6 +9,7 @@ object. Importable without torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import types
@@ -22,7 +23,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["config_from_dict", "load_config_file", "merge", "replace_given", "with_overrides"]
+__all__ = [
+    "check_choices",
+    "config_from_dict",
+    "load_config_file",
+    "merge",
+    "replace_given",
+    "with_overrides",
+]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -67,9 +75,11 @@ def with_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> d
 
 
 def replace_given(base: Any, overrides: Mapping[str, Any], *, what: str) -> Any:
-    """``base`` (a config dataclass) with the non-None ``overrides`` replaced and checked again
-    by its ``__post_init__``; a name that is not one of its fields raises TypeError naming
-    ``what`` and the fields. No overrides: ``base`` itself."""
+    """``base`` (a config dataclass) with the non-None ``overrides`` replaced: each checked
+    against its field's type as ``config_from_dict`` checks it (ValueError naming the field),
+    then the whole by ``__post_init__``. A name that is not one of its fields raises TypeError
+    naming ``what`` and the fields. No overrides: ``base`` itself. None means "not given", as a
+    flag left out is."""
     names = [f.name for f in dataclasses.fields(base)]
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - set(names))
@@ -77,7 +87,32 @@ def replace_given(base: Any, overrides: Mapping[str, Any], *, what: str) -> Any:
         raise TypeError(
             f"unknown {what}(s) {unknown}; expected {type(base).__name__} fields {names}"
         )
-    return dataclasses.replace(base, **given) if given else base
+    if not given:
+        return base
+    hints = typing.get_type_hints(type(base))
+    return dataclasses.replace(base, **{k: _coerce(hints[k], v, k) for k, v in given.items()})
+
+
+@functools.cache
+def _choice_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """The (name, choices) of ``cls``'s fields typed as a ``Literal`` (or an optional one)."""
+    fields = []
+    for name, hint in typing.get_type_hints(cls).items():
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is Literal:
+            fields.append((name, typing.get_args(hint)))
+        elif len(options) == 1 and typing.get_origin(options[0]) is Literal:
+            fields.append((name, (*typing.get_args(options[0]), None)))
+    return tuple(fields)
+
+
+def check_choices(config: Any, *, where: str = "") -> None:
+    """Raise ValueError naming the field when a ``Literal``-typed field of ``config`` holds
+    none of its choices: the check every config's ``__post_init__`` makes of its choices."""
+    for name, choices in _choice_fields(type(config)):
+        value = getattr(config, name)
+        if value not in choices:
+            raise ValueError(f"{where}{name} must be one of {list(choices)}; got {value!r}")
 
 
 def config_from_dict(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:

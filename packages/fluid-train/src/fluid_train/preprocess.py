@@ -252,6 +252,8 @@ def preprocess(
     every n-th input shard starting at k (one job's share), split again over torchrun ranks or
     xla hosts, whose part is read from the runtime.
     """
+    if isinstance(overrides.get("device"), torch.device):
+        overrides["device"] = str(overrides["device"])  # the options hold a device's name
     o = replace_given(options or PreprocessOptions(), overrides, what="preprocess option")
     runtime = EncodeRuntime(
         o.device,
