@@ -128,10 +128,6 @@ def _check_text(model: FluidModel, hidden: Tensor, mask: Tensor) -> None:
 class _Start:
     """What every generation loop starts from (either order, eager or XLA)."""
 
-    batch: int  # B
-    num_tokens: int  # N
-    device: torch.device
-    guided: bool  # CFG: the trunk sees B' = 2B rows, [cond; uncond]
     tokens: Tensor  # [B, N] or [B, N, C]: the placeholder the loop fills
     # The text work done once (cache="on"): every layer's cross-attention K/V (random order)
     # or the KV cache holding them (raster). None with cache="off".
@@ -145,6 +141,22 @@ class _Start:
     generator: torch.Generator | None
     progress: bool  # show a bar
 
+    @property
+    def batch(self) -> int:  # B
+        return self.tokens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:  # N
+        return self.tokens.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    @property
+    def guided(self) -> bool:  # CFG: the trunk sees B' = 2B rows, [cond; uncond]
+        return self.options.cfg != 1.0
+
 
 def _start(
     model: FluidModel,
@@ -156,22 +168,16 @@ def _start(
     cache: CacheMode = "on",
     progress: bool = False,
 ) -> _Start:
-    """Sizes, guidance, the placeholder tokens and (cache="on") the text work, done once."""
-    bsz, n, device = text_hidden.shape[0], model.config.num_tokens, text_hidden.device
-    guided = options.cfg != 1.0
+    """The placeholder tokens and (cache="on") the text work, done once."""
     text_kv = kv_cache = None
     if cache == "on":
-        text = _prepare_text(model, text_hidden, text_mask, guided=guided)  # [B', L, D]
+        text = _prepare_text(model, text_hidden, text_mask, guided=options.cfg != 1.0)  # [B', L, D]
         if model.config.order == "random":
             text_kv = model.trunk.text_kv(text.hidden, text.mask)
         else:
             kv_cache = model.trunk.init_cache(text.batch_size, text.hidden, text.mask)
     return _Start(
-        batch=bsz,
-        num_tokens=n,
-        device=device,
-        guided=guided,
-        tokens=_placeholder(model, bsz, device),
+        tokens=_placeholder(model, text_hidden.shape[0], text_hidden.device),
         text_kv=text_kv,
         kv_cache=kv_cache,
         text_hidden=text_hidden,

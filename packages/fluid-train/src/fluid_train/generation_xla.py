@@ -36,7 +36,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .masking import cfg_scale, random_order, reveal_schedule
+from fluid_heads import TokenSample
+
+from .masking import cfg_scale, gumbel_noise, random_order, reveal_schedule
 
 if TYPE_CHECKING:
     from .generation import _Start
@@ -117,8 +119,6 @@ def _head_sample(
     reading it on the host, and the graph gets it as data (a Python 2.0 or 1.0 would become a
     constant of its own graph).
     """
-    from fluid_heads import TokenSample
-
     guided, options = start.guided, start.options
     m = z.shape[0] // 2 if guided else z.shape[0]
     kwargs: dict[str, Any] = {"temperature": options.temperature, "cfg": scale if guided else 1.0}
@@ -230,8 +230,6 @@ class _RandomOrderSteps:
     ) -> _Step:
         """MaskGIT over all N positions: the masked_after least confident masked ones stay
         masked; ``values`` = [guidance scale, annealed choice temperature]."""
-        from .masking import gumbel_noise
-
         bsz, n = mask.shape
         sample = _head_sample(
             self.model, self.start, h.flatten(0, 1), values[0], with_logprob=True
