@@ -44,25 +44,22 @@ import torch
 from torch import Tensor
 
 from . import samples as _samples
-from .samples import (  # noqa: F401 - re-exported: the sample-level API
-    IMAGE_EXTENSIONS,
+from .samples import *  # noqa: F403 - re-exported: the sample-level API, as samples.__all__ lists it
+from .samples import (  # what the streams here use
     SKIP_REASONS,
     DataKind,
     ShardEnd,
     SkipSample,
-    center_crop_resize,
     decode_encoded_sample,
     decode_image_sample,
     describe_skips,
     detect_kind,
     expand_shards,
-    image_to_tensor,
     iter_raw_samples,
     pad_text_states,
-    write_shard,
 )
 
-# The streams built here, and the sample-level API they re-export (all of it: imported above).
+# The streams built here, and the sample-level API they re-export.
 __all__ = ["HostBatch", "ShardDataset", "TrainLoader", *_samples.__all__]
 
 logger = logging.getLogger(__name__)

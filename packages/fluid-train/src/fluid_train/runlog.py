@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "RunLog"]
+__all__ = ["METRICS_FILE", "RunLog", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 _SCALARS = ("loss", "lr", "grad_norm", "images_per_s", "tokens_per_s")
 
 
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The logged steps of a run directory's ``metrics.jsonl``, in order."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class RunLog:
     """The run's log file handler (from construction), metrics and TensorBoard (from ``start``)."""
 
-    def __init__(self, run_dir: Path, *, writer: bool = True) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.writer = writer
+        self.writer = False  # set by start(): only the writer process writes metrics
         self.metrics = self.run_dir / METRICS_FILE
         self._handler = logging.FileHandler(self.run_dir / "train.log")
         self._handler.setFormatter(
@@ -42,10 +49,10 @@ class RunLog:
         if not writer:
             return
         if self.metrics.is_file():
-            lines = self.metrics.read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-            if len(kept) != len(lines):
-                self.metrics.write_text("".join(line + "\n" for line in kept))
+            logged = read_metrics(self.run_dir)
+            kept = [record for record in logged if record["step"] <= step]
+            if len(kept) != len(logged):
+                self.metrics.write_text("".join(json.dumps(record) + "\n" for record in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard not installed: metrics.jsonl only

@@ -46,7 +46,7 @@ from .resume import (
     restore_data_position,
     resume_newest,
 )
-from .runlog import METRICS_FILE, RunLog  # noqa: F401 - METRICS_FILE re-exported
+from .runlog import RunLog
 from .stopping import StopControl
 
 __all__ = ["NonFiniteLossError", "StepOutput", "TrainResult", "Trainer", "train"]

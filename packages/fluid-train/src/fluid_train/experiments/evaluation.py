@@ -4,7 +4,6 @@ the loss curve and the contact sheet."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import GenerationConfig
+from ..runlog import read_metrics  # noqa: F401 - re-exported: the experiments read runs with it
 from .cache import StageCache, Stages
 from .settings import DemoSettings, WorldSettings
 
@@ -29,11 +29,6 @@ __all__ = [
     "plot_loss",
     "read_metrics",
 ]
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_loss(metrics: Sequence[dict[str, Any]], path: str | os.PathLike, title: str) -> Path:
