@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fluid_train import process_group
 from fluid_train.backends import resolve_backend
 from fluid_train.data import HostBatch, TrainLoader
 from fluid_train.model import FluidConfig
@@ -204,8 +205,6 @@ def free_port() -> int:
 @contextlib.contextmanager
 def one_rank_group():
     """torchrun's variables for a world of one in this process; the group destroyed after."""
-    import torch.distributed as dist
-
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
     saved = {k: os.environ.get(k) for k in env}
@@ -213,8 +212,7 @@ def one_rank_group():
     try:
         yield
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        process_group.leave()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -249,12 +247,13 @@ def test_auto_picks_fsdp_under_torchrun_with_several_ranks(monkeypatch):
     assert resolve_backend("fsdp") == "fsdp"
 
 
-def test_the_fluid_command_destroys_the_process_group_when_it_finishes(capsys):
+def test_the_fluid_command_destroys_the_process_group_when_it_finishes(capsys, monkeypatch):
     # A gloo group left alive can abort the interpreter's exit (SIGABRT), so the command that
-    # joined one leaves it: join() makes the group once, main() destroys it after a command.
+    # joined one leaves it: join() makes the group once, main() destroys it after a command
+    # returned, whatever its status; an exception leaves it alone (a peer may be mid-collective).
     import torch.distributed as dist
 
-    from fluid_train import process_group
+    import fluid_train.cli.info
     from fluid_train.cli import main
 
     assert process_group.leave() is False  # no group: nothing to do
@@ -265,7 +264,23 @@ def test_the_fluid_command_destroys_the_process_group_when_it_finishes(capsys):
         assert dist.group.WORLD is group and dist.get_world_size() == 1
         assert main(["info", "debug"]) == 0
         assert not dist.is_initialized()
-    assert "debug" in capsys.readouterr().out
+        assert "debug" in capsys.readouterr().out
+        process_group.join()
+        assert main(["info", "no-such-preset"]) == 2  # refused: still destroyed
+        assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
+        assert not dist.is_initialized()
+
+        class Crash(Exception):
+            pass
+
+        def crash(args):
+            raise Crash
+
+        process_group.join()
+        monkeypatch.setattr(fluid_train.cli.info, "run", crash)
+        with pytest.raises(Crash):
+            main(["info", "debug"])
+        assert dist.is_initialized()  # left for the exit to handle
 
 
 def test_fsdp_outside_torchrun_is_a_clear_error(

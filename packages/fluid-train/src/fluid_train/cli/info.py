@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from fluid_eval.cli import _run as exit_2_on_bad_input
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -24,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens", choices=("discrete", "continuous"), help="token kind (variant)")
     parser.add_argument("--order", choices=("raster", "random"), help="generation order (variant)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=exit_2_on_bad_input(run))  # an unknown preset: a clear error
 
 
 def _fmt_count(n: int) -> str:
