@@ -241,7 +241,6 @@ def write_encoded_shards(
     shards: int = 2,
     per_shard: int = 6,
     seed: int = 0,
-    captions: bool = False,
 ) -> Path:
     """Random encoded shards ``root/00000.tar, ...`` for ``config``: ids, or means [N, C] with a
     posterior std; fake text states [5, D_t] of which sample i has 1 + i % 5 real tokens."""
@@ -263,7 +262,6 @@ def write_encoded_shards(
                     token_std=0.1 * rng.random((n, config.token_dim)) if continuous else None,
                     text_hidden=rng.standard_normal((length, config.text_dim)),
                     text_mask=np.arange(length) < 1 + i % length,
-                    caption=f"sample {s} {i}" if captions else None,
                 )
             )
         write_shard(root / f"{s:05d}.tar", samples)
@@ -272,7 +270,7 @@ def write_encoded_shards(
 
 @pytest.fixture(scope="session")
 def encoded_shards() -> Callable[..., Path]:
-    """``encoded_shards(root, config, shards=2, per_shard=6, seed=0, captions=False) -> root``."""
+    """``encoded_shards(root, config, shards=2, per_shard=6, seed=0) -> root``."""
     return write_encoded_shards
 
 
@@ -355,16 +353,28 @@ def run_script() -> Callable[..., ScriptRun]:
     return run_reporting_script
 
 
-def make_xla_env(num_devices: int | None) -> dict[str, str]:
-    """This process's environment for torch_xla on the CPU PJRT device with ``num_devices``
-    virtual devices (None: CPU_NUM_DEVICES unset, so PJRT's single device)."""
-    env = {
+def make_child_env() -> dict[str, str]:
+    """This process's environment for a child process of the tests (a torchrun launch, a
+    fluid command): one thread per process (the cores are shared), offline, quiet."""
+    return {
         **os.environ,
-        "PJRT_DEVICE": "CPU",
         "OMP_NUM_THREADS": "1",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    """The environment of a torchrun or fluid subprocess (``make_child_env``)."""
+    return make_child_env()
+
+
+def make_xla_env(num_devices: int | None) -> dict[str, str]:
+    """This process's environment for torch_xla on the CPU PJRT device with ``num_devices``
+    virtual devices (None: CPU_NUM_DEVICES unset, so PJRT's single device)."""
+    env = {**make_child_env(), "PJRT_DEVICE": "CPU"}
     if num_devices is None:
         env.pop("CPU_NUM_DEVICES", None)
     else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -108,17 +107,6 @@ def assert_same_shards(got: Path, want: Path) -> None:
                 )
 
 
-def env(**extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        **extra,
-    }
-
-
 def test_trimmed_preprocess_records_its_bytes_and_the_fit_rule(tmp_path, world):
     result = preprocess(
         world["images"], tokenizer=world["tokenizer"], text_encoder=world["text_encoder"],
@@ -191,7 +179,7 @@ def test_preprocess_options_are_one_object_for_the_flags_and_the_function(
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
-def test_two_torchrun_processes_write_the_single_process_shards(tmp_path, world):
+def test_two_torchrun_processes_write_the_single_process_shards(tmp_path, world, child_env):
     common = ["--data", world["images"], "--tokenizer", world["tokenizer"], "--text-encoder",
               world["text_encoder"], "--pad-to", str(TEXT_LENGTH), "--batch-size", "3"]  # fmt: skip
     preprocess(
@@ -202,7 +190,7 @@ def test_two_torchrun_processes_write_the_single_process_shards(tmp_path, world)
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-port", "29531", "-m", "fluid_train.cli", "preprocess", *common,
          "--out", str(tmp_path / "ranks"), "--device", "cpu"],
-        env=env(), capture_output=True, text=True, timeout=300,
+        env=child_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "part 0 of 2" in proc.stdout and "part 1 of 2" in proc.stdout
@@ -244,7 +232,9 @@ XLA_SCRIPT = textwrap.dedent(
 
 @pytest.mark.xla
 @pytest.mark.slow
-def test_xla_preprocess_on_4_devices_and_training_on_image_shards(tmp_path, world, run_script):
+def test_xla_preprocess_on_4_devices_and_training_on_image_shards(
+    tmp_path, world, run_script, xla_env
+):
     preprocess(
         world["images"], tokenizer=world["tokenizer"], text_encoder=world["text_encoder"],
         out=tmp_path / "cpu", pad_to=TEXT_LENGTH, batch_size=5, device="cpu",
@@ -274,7 +264,7 @@ def test_xla_preprocess_on_4_devices_and_training_on_image_shards(tmp_path, worl
     }
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
-    xla = env(PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
+    xla = xla_env(4)
     report = run_script(
         XLA_SCRIPT, tmp_path / "xla_runs.py", spec_file, env=xla, timeout=600
     ).report

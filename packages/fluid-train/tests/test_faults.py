@@ -198,7 +198,7 @@ def test_sigterm_and_sigint_stop_after_a_checkpoint_and_resume_exactly(
 
 
 @pytest.mark.slow
-def test_sigterm_from_outside_at_a_random_step(world, tmp_path):
+def test_sigterm_from_outside_at_a_random_step(world, tmp_path, child_env):
     """A real ``python -m fluid_train.cli train`` process with a data-loading worker; SIGTERM to
     its whole process group (as ``scancel`` or a terminal does) once it has logged k steps."""
     steps, workers = 60, ("--num-workers", "1")
@@ -206,7 +206,7 @@ def test_sigterm_from_outside_at_a_random_step(world, tmp_path):
     assert main(train_argv(reference, world["data"], *workers, steps=steps)) == 0
     k = random.randrange(3, 30)
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = child_env
     argv = train_argv(run, world["data"], *workers, steps=steps)
     proc = subprocess.Popen(
         [sys.executable, "-m", "fluid_train.cli", *argv],

@@ -123,7 +123,7 @@ def losses(run: Path) -> list[float]:
 
 
 @pytest.fixture
-def torchrun(tmp_path, run_script):
+def torchrun(tmp_path, run_script, child_env):
     """``torchrun(name, nproc, jobs, models) -> ScriptRun``: the jobs run by SCRIPT under
     ``torchrun --nproc-per-node nproc``; its exit status unchecked (a rank may fail on purpose)."""
 
@@ -132,7 +132,7 @@ def torchrun(tmp_path, run_script):
         spec.write_text(json.dumps({"jobs": jobs, "models": models}))
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                     str(nproc), "--master-port", str(free_port())]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env = child_env
         script = tmp_path / "fsdp_jobs.py"
         return run_script(
             SCRIPT, script, spec, env=env, timeout=240, launcher=launcher, check=False

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +106,7 @@ def _run_generate(argv):
     return args.func(args)
 
 
-def test_one_and_two_processes_write_identical_files(tmp_path, tiny_pipeline, capsys):
+def test_one_and_two_processes_write_identical_files(tmp_path, tiny_pipeline, capsys, child_env):
     from fluid_eval import write_prompts
     from fluid_eval.geneval import read_layout
 
@@ -118,7 +117,7 @@ def test_one_and_two_processes_write_identical_files(tmp_path, tiny_pipeline, ca
     argv = ["--model", str(tmp_path / "run"), "--metadata", str(metadata), "--steps", "2",
             "--cfg", "2", "--images-per-prompt", "2", "--batch-size", "4", "--no-progress"]  # fmt: skip
     assert _run_generate([*argv, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                "2", "-m", "fluid_train.cli", "generate", *argv, "--out", str(tmp_path / "two")]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -262,10 +261,8 @@ print("REPORT " + json.dumps({"shape": list(a.shape), "dtype": str(a.dtype),
 
 
 @pytest.mark.xla
-def test_spmd_sampler_shards_the_padded_batch_and_gathers_rows(tmp_path, run_script):
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4", "OMP_NUM_THREADS": "1",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
-    report = run_script(SPMD_SCRIPT, tmp_path / "spmd.py", env=env, timeout=300).report
+def test_spmd_sampler_shards_the_padded_batch_and_gathers_rows(tmp_path, run_script, xla_env):
+    report = run_script(SPMD_SCRIPT, tmp_path / "spmd.py", env=xla_env(4), timeout=300).report
     assert report["hidden"].startswith("{devices=[4,1,1]")  # batch over the 4 devices
     assert report["decode_rows"] == 8 and report["options"] == {"num_steps": 3}
     assert report["last_chunk_rows"] == [2, 8]  # a short chunk keeps the batch's shape

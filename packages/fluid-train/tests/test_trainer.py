@@ -56,7 +56,7 @@ def test_auto_backend_is_eager_without_an_accelerator():
 def test_resume_gives_identical_losses_and_ema(tmp_path, tiny_config, encoded_shards):
     config = tiny_config("continuous", "random")  # Fluid: random masks, t, noise, token samples
     # 12 samples: 8 steps x 2 cross an epoch
-    data = encoded_shards(tmp_path / "data", config, captions=True)
+    data = encoded_shards(tmp_path / "data", config)
     straight = train(run_config(tmp_path / "a", data), model_config=config)
 
     first = train(run_config(tmp_path / "b", data, steps=4), model_config=config)
@@ -92,7 +92,7 @@ def test_time_limit_ends_the_run_like_its_last_step_and_resumes_exactly(
     import fluid_train.trainer as trainer_module
 
     config = tiny_config("continuous", "random")
-    data = encoded_shards(tmp_path / "data", config, captions=True)
+    data = encoded_shards(tmp_path / "data", config)
     straight = train(run_config(tmp_path / "a", data), model_config=config)
     clock = iter(range(10_000))  # a clock that ticks one second each time it is read
     monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
@@ -115,7 +115,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(
     tmp_path, tiny_config, monkeypatch, encoded_shards
 ):
     config = tiny_config("discrete", "random")
-    data = encoded_shards(tmp_path / "data", config, captions=True)
+    data = encoded_shards(tmp_path / "data", config)
     run = tmp_path / "run"
     train(run_config(run, data, steps=3, ckpt_every=3), model_config=config)
     good = run / "checkpoints" / "step_00000003"
