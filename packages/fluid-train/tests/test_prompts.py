@@ -3,6 +3,7 @@ lines, shard samples — not the rows of whatever batch or copy the T5 encoder s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -13,6 +14,26 @@ from fluid_train.cli.generate import generate_geneval, generate_prompts
 from fluid_train.preprocess import FrozenEncoders
 
 LONG = " ".join(["a photo of a red circle left of a blue square"] * 3)  # > 32 T5 tokens
+
+
+@contextlib.contextmanager
+def counted_tokenizer(text_encoder):
+    """The SentencePiece calls of ``text_encoder`` inside the block (a list, one item a call)."""
+    tokenizer, calls = text_encoder.tokenizer, []
+
+    class Counting:
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return tokenizer(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    text_encoder.tokenizer = Counting()
+    try:
+        yield calls
+    finally:
+        text_encoder.tokenizer = tokenizer
 
 
 def truncation_warnings(record) -> list[str]:
@@ -36,11 +57,12 @@ def test_fluid_generate_warns_once_per_prompt_numbered_as_given(tmp_path, tiny_p
 
 def test_batched_generation_numbers_prompts_in_the_whole_list(tiny_pipeline):
     pipe = tiny_pipeline("discrete", "raster")
-    with warnings.catch_warnings(record=True) as record:
+    with counted_tokenizer(pipe.text_encoder) as calls, warnings.catch_warnings(record=True) as record:  # fmt: skip
         warnings.simplefilter("always")
         pipe.generate_tokens(["a", "b", "c", LONG], batch_size=2, num_steps=1, seed=0)
     messages = truncation_warnings(record)
-    assert len(messages) == 1 and messages[0].startswith("prompt 3 "), messages
+    assert len(messages) == 1 and messages[0].startswith(f"prompt 3 ({LONG[:37] + '...'!r}) has ")
+    assert len(calls) == 2  # one SentencePiece pass per batch of 2, none for the warnings
 
 
 def test_metadata_lines_and_shard_samples_are_named(tmp_path, tiny_pipeline):
@@ -70,20 +92,6 @@ def test_metadata_lines_and_shard_samples_are_named(tmp_path, tiny_pipeline):
     assert out["text_mask"].shape == (2, 8) and out["text_mask"][1].all()
     # The encoder names the captions itself: one SentencePiece pass per batch (a training step
     # on image shards), not a second one for the warnings.
-    calls = []
-    tokenizer = pipe.text_encoder.tokenizer
-
-    class Counting:
-        def __call__(self, *args, **kwargs):
-            calls.append(1)
-            return tokenizer(*args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
-
-    pipe.text_encoder.tokenizer = Counting()
-    try:
+    with counted_tokenizer(pipe.text_encoder) as calls:
         encoders.host_inputs(images, ["red", LONG], names)
-    finally:
-        pipe.text_encoder.tokenizer = tokenizer
     assert len(calls) == 1

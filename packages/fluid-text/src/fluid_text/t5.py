@@ -293,9 +293,16 @@ class T5TextEncoder(nn.Module):
         hidden = hidden.masked_fill(~mask[..., None], 0.0)  # [B, L, d_model]
         return TextStates(hidden=hidden, mask=mask)
 
-    def encode(self, prompts: Sequence[str], *, pad_to: int | None = None) -> TextStates:
-        """Prompts -> ``TextStates(hidden [B, L, d_model], mask [B, L])``."""
-        ids, mask = self._tokenize(prompts, pad_to, stacklevel=3)
+    def encode(
+        self,
+        prompts: Sequence[str],
+        *,
+        pad_to: int | None = None,
+        names: Sequence[str] | None = None,
+    ) -> TextStates:
+        """Prompts -> ``TextStates(hidden [B, L, d_model], mask [B, L])``; ``pad_to`` and
+        ``names`` (the truncation warnings' names) as in ``tokenize``."""
+        ids, mask = self._tokenize(prompts, pad_to, names=names, stacklevel=3)
         return self.encode_ids(ids, mask)
 
     def forward(self, prompts: Sequence[str], *, pad_to: int | None = None) -> TextStates:

@@ -34,7 +34,6 @@ from .__about__ import __version__
 from .config import GenerationConfig
 from .generation import resolve_options
 from .model import FluidModel
-from .prompts import prompts_named
 
 PIPELINE_FILE = "fluid_pipeline.json"
 PIPELINE_FORMAT = 1
@@ -225,9 +224,12 @@ class FluidPipeline:
     # ---- generation -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> TextStates:
-        """Frozen T5 states of the prompts: hidden [B, L, D_t], mask [B, L]."""
-        return self.text_encoder.encode(list(prompts))
+    def encode_prompts(
+        self, prompts: Sequence[str], *, names: Sequence[str] | None = None
+    ) -> TextStates:
+        """Frozen T5 states of the prompts: hidden [B, L, D_t], mask [B, L]; ``names`` label
+        them in truncation warnings (default: their index in this call)."""
+        return self.text_encoder.encode(list(prompts), names=names)
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -267,18 +269,19 @@ class FluidPipeline:
             generator = self._generator(seed)
         step = batch_size or len(prompts)
         out = []
-        with prompts_named(self.text_encoder, prompts):  # numbered in the list, not per batch
-            for start in range(0, len(prompts), step):
-                text = self.encode_prompts(prompts[start : start + step])
-                tokens = self.model.generate(
-                    text.hidden.to(self.device),
-                    text.mask.to(self.device),
-                    options,
-                    generator=generator,
-                    progress=progress,
-                    cache=cache,
-                )
-                out.append(tokens)
+        for start in range(0, len(prompts), step):
+            batch = prompts[start : start + step]
+            # Numbered in the whole list, not per batch (one SentencePiece pass).
+            text = self.encode_prompts(batch, names=[f"prompt {start + i}" for i in range(len(batch))])  # fmt: skip
+            tokens = self.model.generate(
+                text.hidden.to(self.device),
+                text.mask.to(self.device),
+                options,
+                generator=generator,
+                progress=progress,
+                cache=cache,
+            )
+            out.append(tokens)
         return torch.cat(out, dim=0)
 
     @torch.no_grad()

@@ -23,33 +23,15 @@ def warn_truncated(
     names: Sequence[str] | None = None,
     *,
     limit: int | None = None,
-    stacklevel: int = 2,
-) -> int:
+) -> None:
     """Warn (``PromptTruncatedWarning``) once for each prompt the encoder will cut, naming it
-    ``names[i]`` (default ``prompt i``); returns how many. Encoders without a T5 tokenizer: 0."""
-    from fluid_text import PromptTruncatedWarning
-
-    tokenizer = getattr(text_encoder, "tokenizer", None)
-    max_length = getattr(text_encoder, "max_length", None)
-    if tokenizer is None or max_length is None or not prompts:
-        return 0
-    if names is not None and len(names) != len(prompts):
-        raise ValueError(f"{len(names)} names for {len(prompts)} prompts")
-    limit = max_length if limit is None else min(limit, max_length)
-    # The same count as the encoder's: the pieces without special tokens, plus T5's EOS.
-    pieces = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
-    cut = 0
-    for index, (prompt, ids) in enumerate(zip(prompts, pieces, strict=True)):
-        if len(ids) + 1 > limit:
-            name = names[index] if names is not None else f"prompt {index}"
-            shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
-            warnings.warn(
-                f"{name} ({shown!r}) has {len(ids) + 1} tokens; max is {limit} (truncated)",
-                PromptTruncatedWarning,
-                stacklevel=stacklevel + 1,
-            )
-            cut += 1
-    return cut
+    ``names[i]`` (default ``prompt i``): the encoder's own warnings of one tokenization of
+    the list. Encoders without ``tokenize`` (no T5 tokenizer) warn nothing."""
+    if not prompts or not callable(getattr(text_encoder, "tokenize", None)):
+        return
+    if names is None:
+        names = [f"prompt {i}" for i in range(len(prompts))]
+    text_encoder.tokenize(list(prompts), pad_to=limit, names=names)
 
 
 @contextlib.contextmanager
@@ -63,7 +45,7 @@ def prompts_named(
     """``warn_truncated`` now, then no per-batch truncation warnings inside the block."""
     from fluid_text import PromptTruncatedWarning
 
-    warn_truncated(text_encoder, prompts, names, limit=limit, stacklevel=4)
+    warn_truncated(text_encoder, prompts, names, limit=limit)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PromptTruncatedWarning)
         yield
