@@ -64,7 +64,7 @@ def coco_fid(
     """
     from fluid_eval.fid import compute_fid, make_fid, sample_coco_pairs
 
-    from .sampling import PromptFiles, run_generation, settings_record
+    from .sampling import PromptFiles, generate_layout
 
     options = dict(options or {})
     start = time.perf_counter()
@@ -84,12 +84,11 @@ def coco_fid(
     out.mkdir(parents=True, exist_ok=True)
     if processes.is_writer:
         write_text_atomic(out / "pairs.jsonl", "".join(json.dumps(asdict(p)) + "\n" for p in pairs))
-    prompts = [pair.caption for pair in pairs]
-    layout = PromptFiles(out / "samples", prompts, images_per_prompt=1)
-    record = settings_record(prompts, model=model, seed=seed, images_per_prompt=1,
-                             batch_size=batch_size, options=options, backend=runner.backend)  # fmt: skip
-    stats = run_generation(layout, runner.sampler, images_per_prompt=1, batch_size=batch_size,
-                           seed=seed, record=record, processes=processes, progress=progress)  # fmt: skip
+    layout = PromptFiles(out / "samples", [pair.caption for pair in pairs], images_per_prompt=1)
+    stats = generate_layout(
+        layout, runner.pipeline, batch_size=batch_size, seed=seed, progress=progress,
+        runner=runner, model=model, names=[f"caption of {p.file_name}" for p in pairs], **options,
+    )  # fmt: skip
     if not processes.is_writer:
         return None
     image_size = runner.pipeline.model.config.image_size

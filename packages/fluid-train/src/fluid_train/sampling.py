@@ -37,10 +37,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-
-    from .pipeline import FluidPipeline
-
 from . import process_group
 from .generation_layouts import (  # noqa: F401 - re-exported: the layouts run_generation fills
     MAX_SHEET_IMAGES,
@@ -48,6 +44,9 @@ from .generation_layouts import (  # noqa: F401 - re-exported: the layouts run_g
     Layout,
     PromptFiles,
 )
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .pipeline import FluidPipeline
 
 __all__ = [
     "Chunk",
@@ -57,6 +56,7 @@ __all__ = [
     "Processes",
     "chunk_seed",
     "deal",
+    "generate_layout",
     "host_prompts",
     "plan_chunks",
     "run_generation",
@@ -441,3 +441,59 @@ def prepare(
     return Runner(
         pipeline, EagerSampler(pipeline, batch_size=batch_size, options=options), processes, name
     )
+
+
+# ---------------------------------------------------------------------- a layout, whole
+
+
+def generate_layout(
+    layout: Any,
+    pipeline: Any,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    runner: Any = None,
+    model: str | None = None,
+    names: Sequence[str] | None = None,
+    **options: Any,
+) -> Any:
+    """Make every unfinished prompt of ``layout`` (``PromptFiles``, ``GenEvalFolders``: its
+    ``images_per_prompt`` images each) with ``pipeline``. Resumable; spread over the processes
+    of ``runner`` (see ``fluid_train.sampling``), else this process on the pipeline's device.
+    ``options``: GenerationConfig fields; ``names`` label the prompts in truncation warnings.
+    """
+    from .prompts import prompts_named
+
+    images_per_prompt = layout.images_per_prompt
+    _check_counts(images_per_prompt, batch_size)
+    if runner is None:  # a pipeline built in Python: this process, its device
+        sampler = EagerSampler(pipeline, batch_size=batch_size, options=options)
+        processes, backend = Processes.from_environment(), "eager"
+    else:
+        sampler, processes, backend = runner.sampler, runner.processes, runner.backend
+    record = settings_record(
+        layout.prompts, model=model, seed=seed, images_per_prompt=images_per_prompt,
+        batch_size=batch_size, options=options, backend=backend,
+    )  # fmt: skip
+    # Truncation warnings name the user's prompts (or metadata lines) once, from the writer.
+    warn_for = layout.prompts if processes.is_writer else []
+    with prompts_named(pipeline.text_encoder, warn_for, names if warn_for else None):
+        stats = run_generation(
+            layout, sampler, images_per_prompt=images_per_prompt, batch_size=batch_size,
+            seed=seed, record=record, processes=processes, progress=progress,
+        )  # fmt: skip
+    if processes.is_writer and progress:
+        print(  # the command's summary line
+            f"{stats.images_generated} images in {stats.seconds:.1f} s "
+            f"({stats.images_per_second:.2f} img/s, {processes.count} processes); "
+            f"{stats.prompts_skipped} prompts already done"
+        )
+    return stats
+
+
+def _check_counts(images_per_prompt: int, batch_size: int) -> None:
+    if images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be >= 1; got {images_per_prompt}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {batch_size}")

@@ -106,8 +106,8 @@ def generate_prompts(
     **settings: Any,
 ) -> list[Path]:  # fmt: skip
     """Write ``images_per_prompt`` PNGs per prompt, ``index.jsonl`` and ``grid.png``; return the
-    PNGs. ``settings`` as :func:`generate_layout`."""
-    from fluid_train.sampling import PromptFiles
+    PNGs. ``settings`` as :func:`fluid_train.sampling.generate_layout`."""
+    from fluid_train.sampling import PromptFiles, generate_layout
 
     layout = PromptFiles(out, prompts, images_per_prompt=images_per_prompt)
     generate_layout(layout, pipeline, **settings)
@@ -119,69 +119,15 @@ def generate_geneval(
     **settings: Any,
 ) -> Path:  # fmt: skip
     """Generate for a GenEval metadata file in the official layout, plus ``grid.png``;
-    ``settings`` as :func:`generate_layout`."""
+    ``settings`` as :func:`fluid_train.sampling.generate_layout`."""
     from fluid_eval import load_metadata
-    from fluid_train.sampling import GenEvalFolders
+    from fluid_train.sampling import GenEvalFolders, generate_layout
 
     layout = GenEvalFolders(out, load_metadata(metadata), images_per_prompt=images_per_prompt)
     # entry n is line n + 1 (load_metadata drops trailing blanks only)
     names = [f"{metadata} line {n + 1}" for n in range(len(layout.prompts))]
     generate_layout(layout, pipeline, names=names, **settings)
     return Path(out)
-
-
-def generate_layout(
-    layout: Any,
-    pipeline: Any,
-    *,
-    batch_size: int = 16,
-    seed: int = 0,
-    progress: bool = True,
-    runner: Any = None,
-    model: str | None = None,
-    names: Sequence[str] | None = None,
-    **options: Any,
-) -> Any:
-    """Make every unfinished prompt of ``layout`` (``PromptFiles``, ``GenEvalFolders``: its
-    ``images_per_prompt`` images each) with ``pipeline``. Resumable; spread over the processes
-    of ``runner`` (see ``fluid_train.sampling``), else this process on the pipeline's device.
-    ``options``: GenerationConfig fields; ``names`` label the prompts in truncation warnings.
-    """
-    from fluid_train.prompts import prompts_named
-    from fluid_train.sampling import EagerSampler, Processes, run_generation, settings_record
-
-    images_per_prompt = layout.images_per_prompt
-    _check_counts(images_per_prompt, batch_size)
-    if runner is None:  # a pipeline built in Python: this process, its device
-        sampler = EagerSampler(pipeline, batch_size=batch_size, options=options)
-        processes, backend = Processes.from_environment(), "eager"
-    else:
-        sampler, processes, backend = runner.sampler, runner.processes, runner.backend
-    record = settings_record(
-        layout.prompts, model=model, seed=seed, images_per_prompt=images_per_prompt,
-        batch_size=batch_size, options=options, backend=backend,
-    )  # fmt: skip
-    # Truncation warnings name the user's prompts (or metadata lines) once, from the writer.
-    warn_for = layout.prompts if processes.is_writer else []
-    with prompts_named(pipeline.text_encoder, warn_for, names if warn_for else None):
-        stats = run_generation(
-            layout, sampler, images_per_prompt=images_per_prompt, batch_size=batch_size,
-            seed=seed, record=record, processes=processes, progress=progress,
-        )  # fmt: skip
-    if processes.is_writer and progress:
-        print(
-            f"{stats.images_generated} images in {stats.seconds:.1f} s "
-            f"({stats.images_per_second:.2f} img/s, {processes.count} processes); "
-            f"{stats.prompts_skipped} prompts already done"
-        )
-    return stats
-
-
-def _check_counts(images_per_prompt: int, batch_size: int) -> None:
-    if images_per_prompt < 1:
-        raise ValueError(f"--images-per-prompt must be >= 1; got {images_per_prompt}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
 
 
 def run(args: argparse.Namespace) -> int:
