@@ -100,6 +100,13 @@ def test_scaling_report_writes_the_four_figures(tmp_path) -> None:
     # A metric that did not move (every model perfect) is plotted but has no correlation.
     flat = [ScalingPoint(p.variant, p.params, p.loss, geneval=1.0) for p in _points()]
     assert list(scaling.scaling_report(flat, tmp_path / "c").correlations) == []
+    # Checkpoints along training feed Figures 8, 9 and the correlations; the fits keep the
+    # final models. Here the checkpoints' GenEval rises with the loss, the finals' falls.
+    along = [ScalingPoint("fluid s", 1e6, loss, geneval=loss / 10) for loss in (2.0, 1.5, 1.2, 1.1)]
+    both = scaling.scaling_report(_points(), tmp_path / "d", along=along)
+    assert both.correlations["geneval"].r == pytest.approx(1.0)
+    assert both.correlations["geneval"].num_points == 4 and "fid" not in both.correlations
+    assert both.fits.keys() == report.fits.keys() and sorted(both.plots) == ["fig5", "fig6", "fig9"]
 
 
 def test_load_points_reads_json_and_jsonl_and_names_bad_files(tmp_path) -> None:

@@ -286,12 +286,18 @@ class ScalingReport:
 
 
 def scaling_report(
-    points: Sequence[ScalingPoint], out_dir: str | os.PathLike[str]
+    points: Sequence[ScalingPoint],
+    out_dir: str | os.PathLike[str],
+    *,
+    along: Sequence[ScalingPoint] | None = None,
 ) -> ScalingReport:
     """Fits, correlations and the four figures (``fig5_loss_vs_params.png``,
     ``fig6_metrics_vs_params.png``, ``fig8_loss_vs_fid.png``, ``fig9_loss_vs_geneval.png``;
-    a figure is left out when its metric was not measured)."""
+    a figure is left out when its metric was not measured). Fits and Figures 5, 6 use
+    ``points`` (one per trained model); the correlations and Figures 8, 9 use ``along`` when
+    given (e.g. checkpoints along training, as the paper's Figures 8 and 9), else ``points``."""
     out = Path(out_dir)
+    correlated = points if along is None else along
     fits = {
         variant: fit_power_law([p.params for p in group], [p.loss for p in group])
         for variant, group in _by_variant(points).items()
@@ -302,7 +308,7 @@ def scaling_report(
     if any(p.fid is not None or p.geneval is not None for p in points):
         plots["fig6"] = plot_metrics_vs_params(points, out / "fig6_metrics_vs_params.png")
     for metric, fig in (("fid", "fig8"), ("geneval", "fig9")):
-        pts = [p for p in points if getattr(p, metric) is not None]
+        pts = [p for p in correlated if getattr(p, metric) is not None]
         if not pts:
             continue
         plots[fig] = plot_loss_vs_metric(pts, metric, out / f"{fig}_loss_vs_{metric}.png")

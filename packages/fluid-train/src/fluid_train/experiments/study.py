@@ -356,30 +356,17 @@ def format_table(results: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str
 
 def _figures(results: Sequence[dict[str, Any]], out: Path) -> dict[str, Any]:
     """Fits and Figures 5, 6 (final runs), 8, 9 (Fluid along training) and 13 (families)."""
-    from fluid_eval.scaling import (
-        ScalingPoint,
-        pearson,
-        plot_geneval_families,
-        plot_loss_vs_metric,
-        scaling_report,
-    )
+    from fluid_eval.scaling import ScalingPoint, plot_geneval_families, scaling_report
 
     finals = [ScalingPoint(r["variant"], r["params"], r["val_loss"], r["fid"], r["geneval"]) for r in results]  # fmt: skip
-    report = scaling_report(finals, out).to_dict()
+    # Figures 8, 9 and the correlations: Fluid's checkpoints along training, at every size.
     along = [
         ScalingPoint(f"{r['variant']} {r['size']}", r["params"], p["val_loss"], p["fid"], p["geneval"])
         for r in results
         if r["milestones"]
         for p in (*r["milestones"], r)
     ]  # fmt: skip
-    report["correlations"] = {}
-    if along:
-        for metric, figure in (("fid", "fig8"), ("geneval", "fig9")):
-            report["plots"][figure] = str(plot_loss_vs_metric(along, metric, out / f"{figure}_loss_vs_{metric}.png"))  # fmt: skip
-            values = [getattr(p, metric) for p in along]
-            if len(along) >= 3 and len(set(values)) > 1:
-                corr = pearson([p.loss for p in along], values)
-                report["correlations"][metric] = dataclasses.asdict(corr)
+    report = scaling_report(finals, out, along=along).to_dict()
     largest = results[-1]["size"]
     top = [r for r in results if r["size"] == largest]
     report["plots"]["fig13"] = str(plot_geneval_families(
