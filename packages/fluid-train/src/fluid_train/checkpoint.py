@@ -289,6 +289,52 @@ class CheckpointManager:
 
     # -------------------------------------------------------------- reading
 
+    def resume_newest(
+        self, load: Callable[[Path], None], candidates: list[Path], *, retry_failed_load: bool
+    ) -> Path:
+        """Resume (``load``) from the newest of ``candidates`` that verifies; warn about each
+        one skipped.
+
+        The writer verifies (one read of the files); ``agree`` makes every process skip the
+        same ones. A load that fails anyway (``CheckpointError``, e.g. a checkpoint without
+        checksums) moves on to the next one with ``retry_failed_load`` (a single-process run);
+        otherwise it is raised (a collective load cannot be abandoned by one process).
+        """
+        named = self.latest()
+        tried: list[str] = []
+        for path in candidates:
+            problem = None
+            if self.is_writer:
+                check = verify(path)
+                problem = None if check.ok else check.describe()
+                if check.ok and check.legacy:
+                    logger.warning("checkpoint %s: %s", path, check.describe())
+            if self.agree(problem is not None):
+                problem = problem or "rejected on the writer process"
+                tried.append(f"{path.name}: {problem}")
+                logger.warning("cannot resume from %s: %s; trying an older checkpoint", path, problem)  # fmt: skip
+                continue
+            try:
+                load(path)
+            except CheckpointError as error:
+                if not retry_failed_load:
+                    raise
+                tried.append(f"{path.name}: {error}")
+                logger.warning("cannot resume from %s: %s; trying an older checkpoint", path, error)  # fmt: skip
+                continue
+            if named is not None and path != named:
+                logger.warning(
+                    "resumed from %s, the newest checkpoint that verifies; `latest` names %s",
+                    path.name,
+                    named.name,
+                )
+            return path
+        listing = "\n  ".join(tried)
+        raise CheckpointError(
+            f"cannot resume {self.root.parent}: no checkpoint in {self.root} verifies "
+            f"(none was deleted); tried, newest first:\n  {listing}"
+        )
+
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names (complete or not: see ``verify``), or — if the pointer
         is missing — the newest complete ``step_*`` directory; None when there is none."""

@@ -1,6 +1,6 @@
 """What a run keeps between processes, for the trainer: whether a run directory may be
-continued, resuming from the newest checkpoint that verifies, the data position, and the
-export of the EMA weights at the end.
+continued, the data position, and the export of the EMA weights at the end (resuming from the newest
+checkpoint that verifies is ``CheckpointManager.resume_newest``).
 
 The trainer (``fluid_train.trainer``) owns the state; these functions check and move it, so a
 resume reads the same way on every backend.
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_directory
-from .checkpoint import CheckpointError, CheckpointManager, WriteError, verify
+from .checkpoint import WriteError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .backends import Backend
     from .data import TrainLoader
     from .model import FluidModel
 
@@ -27,7 +25,6 @@ __all__ = [
     "check_resumable",
     "export_weights",
     "restore_data_position",
-    "resume_newest",
 ]
 
 # The trainer's logger: these lines are the trainer's own, wherever a run is filtered by logger.
@@ -51,55 +48,6 @@ def check_resumable(
                 f"cannot resume {config_path.parent}: its model config differs from this one "
                 f"(see {config_path})"
             )
-
-
-def resume_newest(
-    checkpoints: CheckpointManager,
-    candidates: list[Path],
-    backend: Backend,
-    load: Callable[[Path], None],
-) -> Path:
-    """Resume (``load``) from the newest checkpoint that verifies; warn about each one skipped.
-
-    The writer verifies (one read of the files); ``any_process`` makes every host skip the
-    same ones. A load that fails anyway (``CheckpointError``, e.g. a checkpoint without
-    checksums) moves on to the next one in a single-process run; on several processes it is
-    raised (a collective load cannot be abandoned by one host).
-    """
-    named = checkpoints.latest()
-    tried: list[str] = []
-    for path in candidates:
-        problem = None
-        if backend.is_writer:
-            check = verify(path)
-            problem = None if check.ok else check.describe()
-            if check.ok and check.legacy:
-                logger.warning("checkpoint %s: %s", path, check.describe())
-        if backend.any_process(problem is not None):
-            problem = problem or "rejected on the writer process"
-            tried.append(f"{path.name}: {problem}")
-            logger.warning("cannot resume from %s: %s; trying an older checkpoint", path, problem)
-            continue
-        try:
-            load(path)
-        except CheckpointError as error:
-            if backend.process_count > 1:
-                raise
-            tried.append(f"{path.name}: {error}")
-            logger.warning("cannot resume from %s: %s; trying an older checkpoint", path, error)
-            continue
-        if named is not None and path != named:
-            logger.warning(
-                "resumed from %s, the newest checkpoint that verifies; `latest` names %s",
-                path.name,
-                named.name,
-            )
-        return path
-    listing = "\n  ".join(tried)
-    raise CheckpointError(
-        f"cannot resume {checkpoints.root.parent}: no checkpoint in {checkpoints.root} verifies "
-        f"(none was deleted); tried, newest first:\n  {listing}"
-    )
 
 
 def check_batch_size(host: dict[str, Any], path: Path, *, batch_size: int, host_batch: int) -> None:

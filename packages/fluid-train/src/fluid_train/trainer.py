@@ -44,7 +44,6 @@ from .resume import (
     check_resumable,
     export_weights,
     restore_data_position,
-    resume_newest,
 )
 from .runlog import RunLog
 from .stopping import StopControl
@@ -230,7 +229,9 @@ class Trainer:
         candidates = self.checkpoints.candidates()
         check_resumable(self.run_dir / CONFIG_FILE, candidates, resume=self.config.resume, record=record)  # fmt: skip
         if candidates:
-            resume_newest(self.checkpoints, candidates, self.backend, self._resume)
+            self.checkpoints.resume_newest(
+                self._resume, candidates, retry_failed_load=self.backend.process_count == 1
+            )
         elif self.config.resume:
             logger.info("--resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
         if self.backend.is_writer:
