@@ -17,18 +17,16 @@ heads take the stacked rows and return the guided sample twice (MAR's convention
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from fluid_heads import TokenSample
 from fluid_text import TextStates
 
 from . import generation_xla
-from .generation_xla import is_xla
+from .generation_xla import is_xla, progress_steps
 from .masking import cfg_scale, gumbel_noise, random_order, reveal_schedule
 
 if TYPE_CHECKING:
@@ -53,10 +51,6 @@ def resolve_options(
     return replace_given(base, overrides, what="generation option")
 
 
-def _steps(iterable: Iterable[int], *, total: int, progress: bool, desc: str) -> Iterable[int]:
-    return tqdm(iterable, total=total, desc=desc, unit="step", leave=False, disable=not progress)
-
-
 def _prepare_text(model: FluidModel, hidden: Tensor, mask: Tensor, *, guided: bool) -> TextStates:
     """Aligned text [B, L, D] (cond), or [2B, L, D] = [cond; null] when guided."""
     cond = model.align_text(hidden, mask)
@@ -70,19 +64,14 @@ def _prepare_text(model: FluidModel, hidden: Tensor, mask: Tensor, *, guided: bo
 
 
 def _sample_head(
-    model: FluidModel,
-    z: Tensor,
-    *,
-    guided: bool,
-    scale: float,
-    options: GenerationConfig,
-    generator: torch.Generator | None,
-    with_logprob: bool = False,
+    model: FluidModel, start: _Start, z: Tensor, scale: float, *, with_logprob: bool = False
 ) -> Any:
-    """Head sampling of M rows: z [2M, D] ([cond; uncond]) when guided, else [M, D] -> M tokens.
+    """Head sampling of M rows: z [2M, D] ([cond; uncond]) when guided, else [M, D] -> M tokens
+    (the start's options and generator).
 
     ``with_logprob`` (discrete only) returns the head's TokenSample (ids [M], logprob [M]).
     """
+    guided, options, generator = start.guided, start.options, start.generator
     m = z.shape[0] // 2 if guided else z.shape[0]
     if guided and scale == 1.0:  # guidance 1 is the conditional model alone
         z, guided = z[:m], False
@@ -250,9 +239,7 @@ def _generate_random_order(model: FluidModel, start: _Start) -> Tensor:
     order = random_order(bsz, n, device=device, generator=generator)  # [B, N]
     mask = torch.ones(bsz, n, dtype=torch.bool, device=device)  # [B, N] True = still masked
     masked = n
-    for step in _steps(
-        range(len(schedule)), total=len(schedule), progress=start.progress, desc="generate"
-    ):
+    for step in progress_steps(len(schedule), start.progress):
         masked_after = schedule[step]
         x = _stack(model.head.embed(tokens), guided)  # [B', N, D]
         if start.cache == "on":
@@ -265,61 +252,33 @@ def _generate_random_order(model: FluidModel, start: _Start) -> Tensor:
         )
 
         if options.order_policy == "confidence":
-            tokens, mask = _confidence_step(
-                model,
-                h,
-                tokens,
-                mask,
-                (masked, masked_after),
-                step,
-                options,
-                guided,
-                scale,
-                generator,
-            )
+            counts = (masked, masked_after)
+            tokens, mask = _confidence_step(model, start, h, tokens, mask, counts, step, scale)
         else:
             reveal = order[:, masked_after:masked]  # [B, k] positions revealed now
-            tokens, mask = _reveal_step(
-                model, h, tokens, mask, reveal, options, guided, scale, generator
-            )
+            tokens, mask = _reveal_step(model, start, h, tokens, mask, reveal, scale)
         masked = masked_after
     return tokens
 
 
 def _reveal_step(
-    model: FluidModel,
-    h: Tensor,
-    tokens: Tensor,
-    mask: Tensor,
-    reveal: Tensor,
-    options: GenerationConfig,
-    guided: bool,
+    model: FluidModel, start: _Start, h: Tensor, tokens: Tensor, mask: Tensor, reveal: Tensor,
     scale: float,
-    generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Sample the tokens at positions ``reveal`` [B, k]: only their rows of h go through the head."""
     bsz, k = reveal.shape
-    rows = h.gather(1, _stack(reveal, guided)[..., None].expand(-1, -1, h.shape[-1]))  # [B', k, D]
-    sampled = _sample_head(
-        model, rows.flatten(0, 1), guided=guided, scale=scale, options=options, generator=generator
-    )  # [B*k] or [B*k, C]
+    index = _stack(reveal, start.guided)[..., None].expand(-1, -1, h.shape[-1])
+    rows = h.gather(1, index)  # [B', k, D]
+    sampled = _sample_head(model, start, rows.flatten(0, 1), scale)  # [B*k] or [B*k, C]
     sampled = sampled.reshape(bsz, k, *tokens.shape[2:]).to(tokens.dtype)  # [B, k(, C)]
     index = reveal if tokens.ndim == 2 else reveal[..., None].expand(-1, -1, tokens.shape[-1])
     return tokens.scatter(1, index, sampled), mask.scatter(1, reveal, False)
 
 
 def _confidence_step(
-    model: FluidModel,
-    h: Tensor,
-    tokens: Tensor,
-    mask: Tensor,
-    counts: tuple[int, int],
-    step: int,
-    options: GenerationConfig,
-    guided: bool,
-    scale: float,
-    generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
+    model: FluidModel, start: _Start, h: Tensor, tokens: Tensor, mask: Tensor,
+    counts: tuple[int, int], step: int, scale: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """MaskGIT: sample every masked token, keep the ``masked_after`` least confident masked.
 
     Confidence = log p(sampled id) + τ · (1 − (k+1)/K) · Gumbel noise, with p the guided model
@@ -327,18 +286,13 @@ def _confidence_step(
     masked go through the head.
     """
     masked, masked_after = counts
-    bsz = tokens.shape[0]
+    bsz, options, generator = tokens.shape[0], start.options, start.generator
     # Positions still masked, ascending ([B, m]): a stable sort puts the masked ones first.
     pending = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :masked]
-    rows = h.gather(1, _stack(pending, guided)[..., None].expand(-1, -1, h.shape[-1]))  # [B', m, D]
+    index = _stack(pending, start.guided)[..., None].expand(-1, -1, h.shape[-1])
+    rows = h.gather(1, index)  # [B', m, D]
     sample = _sample_head(
-        model,
-        rows.flatten(0, 1),
-        guided=guided,
-        scale=scale,
-        options=options,
-        generator=generator,
-        with_logprob=True,
+        model, start, rows.flatten(0, 1), scale, with_logprob=True
     )  # ids [B*m], logprob [B*m]
     anneal = options.choice_temperature * (1.0 - (step + 1) / options.num_steps)
     noise = gumbel_noise((bsz, masked), device=tokens.device, generator=generator)  # [B, m]
@@ -353,7 +307,7 @@ def _confidence_step(
 def _generate_raster(model: FluidModel, start: _Start) -> Tensor:
     n, guided, tokens, options = start.num_tokens, start.guided, start.tokens, start.options
     x_prev = None
-    for i in _steps(range(n), total=n, progress=start.progress, desc="generate"):
+    for i in progress_steps(n, start.progress):
         if start.cache == "on":
             h = model.trunk.step(x_prev, start.kv_cache)[:, 0]  # [B', D]
         else:
@@ -361,10 +315,7 @@ def _generate_raster(model: FluidModel, start: _Start) -> Tensor:
             x = _stack(model.head.embed(tokens[:, : i + 1]), guided)  # [B', i+1, D]; token i unseen
             h = model.trunk(x, text.hidden, text.mask)[:, i]  # [B', D]
         scale = cfg_scale(options.cfg, options.cfg_schedule, num_tokens=n, masked_after=n - i - 1)
-        token = _sample_head(
-            model, h, guided=guided, scale=scale, options=options, generator=start.generator
-        )
-        token = token.to(tokens.dtype)  # [B] or [B, C]
+        token = _sample_head(model, start, h, scale).to(tokens.dtype)  # [B] or [B, C]
         tokens[:, i] = token
         x_prev = _stack(model.head.embed(token[:, None]), guided)  # [B', 1, D]
     return tokens

@@ -104,7 +104,8 @@ def _scalars(values: list[float], device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _steps(total: int, progress: bool) -> Any:
+def progress_steps(total: int, progress: bool) -> Any:
+    """``range(total)`` with a generation progress bar (shown when ``progress``)."""
     return tqdm(
         range(total), total=total, desc="generate", unit="step", leave=False, disable=not progress
     )
@@ -169,7 +170,7 @@ def generate_random_order(model: FluidModel, start: _Start) -> Tensor:
     slots = torch.arange(k_max, device=device)  # [k_max]
     steps = _RandomOrderSteps(model, start, order, rank, slots)
     _sync()
-    for step in _steps(len(schedule), progress):
+    for step in progress_steps(len(schedule), progress):
         masked, masked_after = before[step], schedule[step]
         counts = torch.tensor([masked, masked_after], dtype=torch.long, device=device)  # [2]
         anneal = options.choice_temperature * (1.0 - (step + 1) / options.num_steps)
@@ -254,7 +255,7 @@ def generate_raster(model: FluidModel, start: _Start) -> Tensor:
     position = torch.zeros(1, dtype=torch.long, device=device)  # [1] the token being written
     _sync()
     x_prev = None
-    for i in _steps(n, progress):
+    for i in progress_steps(n, progress):
         h = model.trunk.step(x_prev, start.kv_cache)[:, 0]  # [B', D]
         _sync()
         scale = _scalars(
