@@ -315,3 +315,12 @@ def test_parts_are_read_from_their_folder_or_a_pipeline_and_bad_folders_are_name
     (pipeline / "tokenizer" / "config.json").write_text(json.dumps({"_class_name": "UNet"}))
     with pytest.raises(ValueError, match="config.json names 'UNet'; expected AutoencoderKL"):
         load_tokenizer(pipeline)
+
+
+def test_a_pipelines_text_encoder_loads_at_its_saved_max_length(tmp_path, tiny_pipeline):
+    pipe = tiny_pipeline("continuous", "random")
+    pipe.text_encoder.max_length = 11  # saved in the manifest, as FluidPipeline reads it back
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert load_text_encoder(tmp_path / "pipe").max_length == 11
+    assert load_text_encoder(tmp_path / "pipe", max_length=7).max_length == 7
+    assert load_text_encoder(tmp_path / "pipe" / "text_encoder").max_length != 11  # the default

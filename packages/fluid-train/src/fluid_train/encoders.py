@@ -39,10 +39,18 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------- loading the parts
 
 
-def _part_dir(path: str | os.PathLike, subfolder: str) -> Path:
-    """``path`` itself, or its ``subfolder`` when ``path`` is a pipeline directory."""
+def _part(path: str | os.PathLike, name: str) -> tuple[Path, dict[str, Any]]:
+    """``path`` itself, or, when ``path`` is a pipeline directory, the folder its manifest names
+    for part ``name`` (default ``name``/) with that part's manifest entry ({} for a part's own
+    folder): what ``FluidPipeline.from_pretrained`` reads."""
+    from .pipeline import PIPELINE_FILE
+
     root = Path(path)
-    return root / subfolder if (root / "fluid_pipeline.json").is_file() else root
+    manifest = root / PIPELINE_FILE
+    if not manifest.is_file():
+        return root, {}
+    entry = json.loads(manifest.read_text()).get(name) or {}
+    return root / entry.get("subfolder", name), entry
 
 
 def _part_config(root: Path, *, what: str, saved: str) -> dict[str, Any]:
@@ -58,7 +66,7 @@ def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu
     class is read from ``config.json``'s ``_class_name``), or from a pipeline's ``tokenizer/``."""
     import fluid_tokenizers
 
-    root = _part_dir(path, "tokenizer")
+    root, _ = _part(path, "tokenizer")
     config = _part_config(root, what="tokenizer", saved="a saved tokenizer dir")
     class_name = config.get("_class_name")
     classes = {"AutoencoderKL": "SDVAETokenizer", "VQModel": "VQTokenizer"}
@@ -78,10 +86,13 @@ def load_text_encoder(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """The frozen ``T5TextEncoder`` of a saved directory (or a pipeline's ``text_encoder/``)."""
+    """The frozen ``T5TextEncoder`` of a saved directory, or of a pipeline's ``text_encoder/``
+    at the max length the pipeline was saved with (``max_length`` overrides it)."""
     from fluid_text import T5TextEncoder
 
-    root = _part_dir(path, "text_encoder")
+    root, entry = _part(path, "text_encoder")
+    if max_length is None and "max_length" in entry:
+        max_length = int(entry["max_length"])
     kwargs: dict[str, Any] = {"dtype": dtype}
     if max_length is not None:
         kwargs["max_length"] = max_length
@@ -90,7 +101,7 @@ def load_text_encoder(
 
 def text_encoder_width(path: str | os.PathLike) -> int:
     """``d_model`` of a saved T5 encoder, read from its ``config.json`` (no weights loaded)."""
-    root = _part_dir(path, "text_encoder")
+    root, _ = _part(path, "text_encoder")
     config = _part_config(root, what="text encoder", saved="a saved T5 encoder dir")
     if "d_model" not in config:
         raise ValueError(
