@@ -124,6 +124,28 @@ def test_second_run_reuses_the_cache(demo_runs):
     assert len(list((out / "cache").iterdir())) == len(CACHED_STAGES)
 
 
+def test_two_builders_of_one_cache_entry_keep_the_first_to_finish(tmp_path):
+    from fluid_train.experiments import StageCache, Stages
+
+    cache = StageCache(tmp_path, Stages(lambda _: None))
+    other = (
+        "import sys; from pathlib import Path\n"
+        "from fluid_train.experiments import StageCache, Stages\n"
+        "cache = StageCache(Path(sys.argv[1]), Stages(lambda _: None))\n"
+        "with cache.entry('data', {'n': 1}, stage='data') as e:\n"
+        "    (e.build / 'who').write_text('other')\n"
+    )
+    with cache.entry("data", {"n": 1}, stage="data") as entry:
+        (entry.build / "who").write_text("this")
+        # Another worker builds the same entry meanwhile, in a folder of its own, and finishes.
+        subprocess.run([sys.executable, "-c", other, str(tmp_path)], check=True)
+    assert (entry.path / "who").read_text() == "other" and (entry.path / "done.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry.path.name]  # no build left
+    with pytest.raises(RuntimeError), cache.entry("data", {"n": 2}, stage="data") as failed:
+        raise RuntimeError("the build failed")
+    assert not failed.path.exists() and not failed.build.exists()  # nothing half-written
+
+
 def test_cache_key_follows_the_settings(tmp_path):
     world = WorldSettings(num_images=8, num_val=4, shard_size=8)
     log: list[str] = []

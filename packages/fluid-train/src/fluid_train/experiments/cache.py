@@ -2,8 +2,9 @@
 
 The key is a hash of every setting that produced the entry (and of the entries it was built
 from), so a changed setting never reuses an old entry. An entry is built in a temporary
-directory beside it and renamed into place with its ``done.json`` only when the build finished,
-so an interrupted run never leaves a half-written entry.
+directory beside it (one per process) and renamed into place with its ``done.json`` only when
+the build finished, so an interrupted run never leaves a half-written entry, and of two
+processes building the same entry the first to finish is kept.
 """
 
 from __future__ import annotations
@@ -93,10 +94,22 @@ class StageCache:
             yield CacheEntry(final, None)
             return
         self.stages.cached[stage] = False
-        build = self.root / f".tmp-{final.name}"
+        # Each process builds in a folder of its own: study workers sharing a cache may build
+        # the same entry at once, and the first to finish is kept.
+        build = self.root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(build, ignore_errors=True)
         build.mkdir(parents=True)
-        yield CacheEntry(final, build)
+        try:
+            yield CacheEntry(final, build)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
         (build / "done.json").write_text(json.dumps({"kind": kind, **settings}, default=str) + "\n")
-        shutil.rmtree(final, ignore_errors=True)  # a partial entry without done.json
-        move_into_place(build, final)
+        if final.is_dir() and not (final / "done.json").is_file():
+            shutil.rmtree(final, ignore_errors=True)  # an old entry without done.json
+        try:
+            move_into_place(build, final)
+        except OSError:
+            if not (final / "done.json").is_file():
+                raise
+            shutil.rmtree(build, ignore_errors=True)  # another process built it first: kept
