@@ -214,7 +214,7 @@ def generate(
         if is_xla(text_hidden.device):  # fixed-shape loops, a few graphs (generation_xla.py)
             if cache != "on":
                 raise ValueError("cache='off' is an eager measurement mode; on XLA use 'on'")
-            start = generation_xla.start(
+            start = generation_xla.xla_start(
                 model, text_hidden, text_mask, options, generator, progress=progress
             )
             random = generation_xla.generate_random_order

@@ -135,7 +135,7 @@ def _head_sample(
     return model.head.sample(z, **kwargs)[:m]  # [M] or [M, C]
 
 
-def start(
+def xla_start(
     model: FluidModel,
     text_hidden: Tensor,
     text_mask: Tensor,
