@@ -257,11 +257,15 @@ def test_the_fluid_command_destroys_the_process_group_when_it_finishes(capsys, m
     from fluid_train.cli import main
 
     assert process_group.leave() is False  # no group: nothing to do
+    process_group.barrier()  # no group: no one to wait for
+    assert [process_group.any_true(f) for f in (True, False)] == [True, False]
     with one_rank_group():
         process_group.join()
         group = dist.group.WORLD
         process_group.join()  # a group exists already: it is kept
         assert dist.group.WORLD is group and dist.get_world_size() == 1
+        process_group.barrier()
+        assert [process_group.any_true(f) for f in (True, False)] == [True, False]  # all-reduced
         assert main(["info", "debug"]) == 0
         assert not dist.is_initialized()
         assert "debug" in capsys.readouterr().out

@@ -385,20 +385,11 @@ class EncodeRuntime:
 
     def barrier(self) -> None:
         """Wait for every process of the run (torchrun ranks, xla hosts)."""
-        if self.process_count > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        process_group.barrier()
 
     def _lockstep(self, more: bool) -> bool:
         """Whether any host has more to encode (xla hosts run one SPMD program in lockstep)."""
-        if self.process_count == 1:
-            return more
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(more)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return process_group.any_true(more)
 
     def _encode_xla(
         self, encoders: FrozenEncoders, inputs: dict[str, Tensor]

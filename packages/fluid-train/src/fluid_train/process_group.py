@@ -9,8 +9,10 @@ command calls :func:`leave` once the command returned, whatever its exit status.
 destroyed when an exception propagates: a rank that failed may have peers still inside a
 collective, and destroying could wait on them (torchrun stops the other ranks).
 
-Code that drives :class:`~fluid_train.trainer.Trainer` (or the encoders) under torchrun itself
-calls :func:`leave` at the end, like any torch.distributed program calls
+:func:`barrier` and :func:`any_true` are the two collectives the processes agree through (the
+backends, the encoders and sampling call them). Code that drives
+:class:`~fluid_train.trainer.Trainer` (or the encoders) under torchrun itself calls :func:`leave`
+at the end, like any torch.distributed program calls
 ``destroy_process_group``. Importing this module imports no torch.
 """
 
@@ -60,3 +62,25 @@ def leave() -> bool:
         return False
     dist.destroy_process_group()
     return True
+
+
+def barrier() -> None:
+    """Wait for every process of the default group (none: nothing to wait for)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def any_true(flag: bool, *, device: Any = None) -> bool:
+    """True on every process when ``flag`` is True on any of them: a one-element MAX
+    all-reduce on the default group (a collective: every process calls it at the same point;
+    ``device``: where the group's backend wants the tensor, e.g. the GPU for NCCL). Without a
+    group, the flag itself."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return flag
+    import torch
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -160,10 +160,7 @@ class Processes:
         return cls()
 
     def barrier(self) -> None:
-        if self.count > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        process_group.barrier()
 
     def union(self, values: set[int]) -> set[int]:
         """The union of every process's ``values``."""

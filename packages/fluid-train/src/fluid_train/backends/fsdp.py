@@ -157,12 +157,10 @@ class FsdpBackend(TorchDeviceBackend):
     # -------------------------------------------------------------- collectives
 
     def barrier(self) -> None:
-        self._dist.barrier()
+        process_group.barrier()
 
     def any_process(self, flag: bool) -> bool:
-        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
-        self._dist.all_reduce(value, op=self._dist.ReduceOp.MAX)
-        return bool(value.item())
+        return process_group.any_true(flag, device=self.device)  # NCCL reduces on the GPU
 
     def mean_over_processes(self, value: Tensor) -> Tensor:
         total = value.detach().clone()

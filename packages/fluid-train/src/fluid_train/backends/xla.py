@@ -107,20 +107,11 @@ class XlaBackend(Backend):
         return tensor
 
     def barrier(self) -> None:
-        if self.process_count > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        process_group.barrier()
 
     def any_process(self, flag: bool) -> bool:
-        if self.process_count == 1:
-            return flag
-        import torch.distributed as dist
-
-        # A one-element all-reduce on the hosts' CPU (gloo) group: no device work, no graph.
-        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        # On the hosts' CPU (gloo) group: no device work, no graph.
+        return process_group.any_true(flag)
 
     # -------------------------------------------------------------- data
 
